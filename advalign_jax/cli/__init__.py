@@ -1,0 +1,1 @@
+"""The ``advalign-jax`` command: one module per subcommand group, each with ``add_parser``/``run``."""

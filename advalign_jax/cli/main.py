@@ -1,0 +1,57 @@
+"""``advalign-jax``: the command line. ``advalign-jax --help`` lists the subcommands.
+
+Each subcommand module defines ``add_parser(subparsers)``; the parser it adds sets ``func`` to the
+function that runs it. User errors (:class:`advalign_jax.errors.AdvalignError`) print one line and exit
+with status 2; an interruption exits with status 130 after the job has saved what it had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Optional, Sequence
+
+from advalign_jax import __version__
+from advalign_jax.config import split_overrides
+from advalign_jax.errors import AdvalignError
+
+# Subcommand modules, in the order --help lists them.
+COMMANDS = ("advalign_jax.cli.data_cmd",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="advalign-jax",
+        description="Adversarial robustness and human alignment of vision models, in JAX.",
+        epilog="Config-driven commands take --config FILE.py[:ARG] and overrides --config.KEY=VALUE.")
+    parser.add_argument("--version", action="version", version=f"advalign-jax {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(name).add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        rest, overrides = split_overrides(argv)
+        args = parser.parse_args(rest)
+        if not hasattr(args, "func"):
+            parser.print_help()
+            return 2
+        args.config_overrides = overrides
+        if overrides and not hasattr(args, "config"):
+            raise AdvalignError(f"this command takes no config; unexpected --config.{overrides[0]}")
+        return int(args.func(args) or 0)
+    except AdvalignError as err:
+        print(f"advalign-jax: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("advalign-jax: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Writing ClickMe shards in either real encoding, atomically.
+
+Files are named like the public harmonization shards, ``{prefix}-{i}.tfrecords``. Each shard is written
+to a temporary name and renamed only when every shard is complete, so an error or an interruption
+leaves no half-written shard behind.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from advalign_jax.data import records
+from advalign_jax.data.tf_env import import_tf
+from advalign_jax.errors import DataError
+
+
+def shard_paths(out_dir: str, prefix: str, num_shards: int) -> list[str]:
+    return [os.path.join(out_dir, f"{prefix}-{i}.tfrecords") for i in range(num_shards)]
+
+
+def write_shards(out_dir: str, prefix: str, num_shards: int, num_records: int,
+                 example_fn: Callable[[int], bytes], overwrite: bool = False,
+                 progress: Callable[[Iterable], Iterable] = lambda it: it) -> list[str]:
+    """Writes records ``example_fn(0..num_records-1)`` round-robin into ``num_shards`` shards.
+
+    Record i goes to shard ``i % num_shards``. Returns the shard paths. Existing shards are an error
+    unless ``overwrite``.
+    """
+    tf = import_tf()
+    if num_shards < 1 or num_records < 1:
+        raise DataError(f"need at least one shard and one record, got {num_shards} shards, "
+                        f"{num_records} records")
+    num_shards = min(num_shards, num_records)
+    paths = shard_paths(out_dir, prefix, num_shards)
+    existing = [p for p in paths if tf.io.gfile.exists(p)]
+    if existing and not overwrite:
+        raise DataError(f"{existing[0]} already exists (pass --overwrite to replace it)")
+    tf.io.gfile.makedirs(out_dir)
+    tmp = [f"{p}.tmp-{os.getpid()}" for p in paths]
+    writers = [tf.io.TFRecordWriter(t) for t in tmp]
+    try:
+        for i in progress(range(num_records)):
+            writers[i % num_shards].write(example_fn(i))
+        for w in writers:
+            w.close()
+        for t, p in zip(tmp, paths):
+            tf.io.gfile.rename(t, p, overwrite=True)
+    except BaseException:
+        for w in writers:
+            w.close()
+        for t in tmp:
+            if tf.io.gfile.exists(t):
+                tf.io.gfile.remove(t)
+        raise
+    return paths
+
+
+def write_arrays(out_dir: str, prefix: str, images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray],
+                 labels: Sequence[int], encoding: str, num_shards: int = 1, overwrite: bool = False) -> list[str]:
+    """Writes in-memory arrays (images (H, W, 3), maps (H, W), values 0..255) as ClickMe shards."""
+    if not len(images) == len(heatmaps) == len(labels):
+        raise DataError(f"got {len(images)} images, {len(heatmaps)} maps and {len(labels)} labels")
+    return write_shards(out_dir, prefix, num_shards, len(images),
+                        lambda i: records.encode_example(images[i], heatmaps[i], int(labels[i]), encoding),
+                        overwrite=overwrite)
