@@ -59,7 +59,7 @@ def run_synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"encoding must be one of {', '.join(records.ENCODINGS)}, got {config.encoding!r}")
     try:
         spec = synthetic.SynthSpec(num_classes=config.num_classes, size=config.size, seed=config.seed,
-                                   spurious=config.spurious)
+                                   tint=config.tint, spurious=config.spurious)
     except ValueError as err:
         raise ConfigError(f"{args.config}: {err}") from None
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -181,13 +180,17 @@ def tfds_source(spec: str, data_dir: Optional[str], seed: int, shuffle_files: bo
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except Exception as err:  # DatasetNotFoundError and friends differ across tfds versions
-        raise ConfigError(f"data.mix_sources: unknown TFDS dataset {name!r} ({err})") from None
-    if not builder.is_prepared():
-        raise DataError(f"TFDS dataset {name!r} is not prepared in data_dir={builder.data_dir!r}: run "
-                        f"`tfds build {name} --data_dir=DIR` (or place its files there) and set "
-                        f"data.tfds_data_dir")
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"data.mix_sources: cannot open TFDS dataset {name!r}: {first}") from None
     read_config = tfds.ReadConfig(shuffle_seed=seed, interleave_cycle_length=4)
-    ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+    try:
+        ds = builder.as_dataset(split=split, shuffle_files=shuffle_files, read_config=read_config)
+    except AssertionError:  # what tfds raises when the data is not in data_dir
+        raise DataError(f"TFDS dataset {name!r} is not prepared in data_dir={builder.data_dir!r}: "
+                        f"run `tfds build {name} --data_dir=DIR` on a machine with internet (or copy "
+                        f"a prepared copy there) and set data.tfds_data_dir=DIR") from None
+    except ValueError as err:  # unknown split
+        raise ConfigError(f"data.mix_sources: {spec!r}: {str(err).splitlines()[0]}") from None
     return ds.map(lambda ex: {"image": ex["image"], "label": ex["label"]})
 
 
@@ -240,7 +243,7 @@ class ClickMeReader:
     def _process_records(self, p: int) -> int:
         counts = self.record_counts
         if self.record_sharded:
-            return sum(len(range(p, n, self.process_count)) for n in counts)
+            return len(range(p, sum(counts), self.process_count))
         return sum(counts[i] for i in range(p, len(self.files), self.process_count))
 
     @property
@@ -267,7 +270,11 @@ class ClickMeReader:
     # -- tf.data pipeline ----------------------------------------------------------------------------
 
     def _read_files(self, file_ids, shuffle_files: bool):
-        """Dataset of (file_id, record_index, serialized) for this process."""
+        """Dataset of (file_id, record_index_in_file, serialized) for this process.
+
+        Training interleaves ``cycle_length`` files in a per-epoch shuffled order; evaluation reads
+        files one after the other in sorted order, so the stream is in record order.
+        """
         tf = import_tf()
         cfg = self.config
         paths = tf.constant(self.files)
@@ -278,17 +285,36 @@ class ClickMeReader:
             ds = tf.data.TFRecordDataset(tf.gather(paths, fid))
             if skip:
                 ds = ds.ignore_errors()
-            ds = ds.enumerate()
-            if sharded:
-                ds = ds.filter(lambda i, _: tf.equal(i % pc, pi))
-            return ds.map(lambda i, raw: (tf.cast(fid, tf.int32), i, raw))
+            return ds.enumerate().map(lambda i, raw: (tf.cast(fid, tf.int32), i, raw))
 
         ds = tf.data.Dataset.from_tensor_slices(np.asarray(file_ids, np.int32))
         if shuffle_files:
             ds = ds.shuffle(len(file_ids), seed=cfg.seed, reshuffle_each_iteration=True).repeat()
-        cycle = max(1, min(cfg.cycle_length, len(file_ids)))
-        return ds.interleave(read, cycle_length=cycle, block_length=1,
-                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            cycle = max(1, min(cfg.cycle_length, len(file_ids)))
+            ds = ds.interleave(read, cycle_length=cycle, block_length=1,
+                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            if sharded:
+                ds = ds.filter(lambda f, i, raw: tf.equal(i % pc, pi))
+            return ds
+        return ds.flat_map(read)
+
+    def _eval_index(self, ds):
+        """Adds ``index`` (position in record order) and keeps this process's records.
+
+        Files are read in sorted order, so a record's index is its position in the stream of all
+        (readable) records of the files this process reads, shifted by the records of the files of
+        lower index that other processes read (known from the count pass, needed only then).
+        """
+        tf = import_tf()
+        pc, pi = self.process_count, self.process_index
+        if pc > 1 and not self.record_sharded:
+            counts = np.asarray(self.record_counts, np.int64)
+            offsets = tf.constant(np.concatenate([[0], np.cumsum(counts)[:-1]]))
+            return ds.map(lambda f, i, raw: (f, i, raw, tf.gather(offsets, f) + i))
+        ds = ds.enumerate().map(lambda n, rec: (*rec, n))
+        if pc > 1:  # record sharding: every process reads every file, keeps every pc-th record
+            ds = ds.filter(lambda f, i, raw, n: tf.equal(n % pc, pi))
+        return ds
 
     def _finish_map(self, image, heatmap):
         tf = import_tf()
@@ -364,12 +390,13 @@ class ClickMeReader:
         cfg = self.config
         AUTO = tf.data.AUTOTUNE
         if cfg.mode == EVAL:
-            ds = self._read_files(self.my_file_ids, shuffle_files=False)
-            offsets = tf.constant(np.concatenate([[0], np.cumsum(self.record_counts)[:-1]]).astype(np.int64))
+            ds = self._eval_index(self._read_files(self.my_file_ids, shuffle_files=False))
             zero_seed = tf.zeros([2], tf.int64)
-            ds = ds.map(lambda f, r, raw: self._clickme_example(f, r, raw, zero_seed),
-                        num_parallel_calls=AUTO, deterministic=True)
-            ds = ds.map(lambda ex: {**ex, "index": tf.gather(offsets, ex["file_id"]) + ex["record"]})
+
+            def example(f, i, raw, index):
+                return {**self._clickme_example(f, i, raw, zero_seed), "index": index}
+
+            ds = ds.map(example, num_parallel_calls=AUTO, deterministic=True)
         else:
             ds = self._read_files(self.my_file_ids, shuffle_files=True)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1)
@@ -417,7 +444,6 @@ class ClickMeReader:
         raise DataError(f"{where}: {rec}{message}")
 
     def _translate(self, err) -> DataError:
-        print("advalign-jax: locating the record behind a read error ...", file=sys.stderr)
         where = locate_bad_record([self.files[i] for i in self.my_file_ids], self.config.num_classes,
                                   self.config.encoding)
         first = getattr(err, "message", str(err)).splitlines()[0]
@@ -444,20 +470,30 @@ class ClickMeReader:
             for batch in self._numpy_batches():
                 yield {k: batch[k] for k in keep}
             return
-        total = self.num_batches  # counts (and checks) the files before any decoding
+        # One process, nothing skipped: the stream ends with the last record, no count pass needed.
+        # Otherwise the count pass fixes how many batches every process yields (and finds damaged
+        # files before any decoding).
+        need_count = self.process_count > 1 or cfg.skip_bad_records
+        total = self.num_batches if need_count else 0
         self._attempted.assign(0)
         self._passed.assign(0)
         produced, pending = 0, None
         for batch in self._numpy_batches():
-            # Skipped records make batches short: regroup into full batches before padding.
             part = {k: batch[k] for k in keep + ("index",)}
+            if pending is None and len(part["label"]) == cfg.batch_size:
+                yield self._pad(part)  # the common case: a full batch, no copy
+                produced += 1
+                continue
+            # Skipped records make batches short: regroup into full batches before padding.
             pending = part if pending is None else {k: np.concatenate([pending[k], part[k]]) for k in part}
             while len(pending["label"]) >= cfg.batch_size:
                 full = {k: v[:cfg.batch_size] for k, v in pending.items()}
                 pending = {k: v[cfg.batch_size:] for k, v in pending.items()}
                 yield self._pad(full)
                 produced += 1
-        if pending is not None and len(pending["label"]):
+            if not len(pending["label"]):
+                pending = None
+        if pending is not None:
             yield self._pad(pending)
             produced += 1
         while produced < total:
@@ -469,6 +505,8 @@ class ClickMeReader:
         cfg = self.config
         b, s = cfg.batch_size, cfg.image_size
         n = 0 if part is None else len(part["label"])
+        if n == b:
+            return {**part, "mask": np.ones((b,), bool)}
         out = {
             "image": np.zeros((b, s, s, 3), np.float32), "heatmap": np.zeros((b, s, s), np.float32),
             "label": np.zeros((b,), np.int32), "token": np.zeros((b,), np.float32),

@@ -6,10 +6,11 @@ among **distractors** that belong to no class (soft blobs and thin strokes), on 
 The "human" map is the object's silhouette, dilated and blurred the way aggregated clicks are, with
 peak 255: it marks exactly the pixels that decide the class.
 
-The optional **spurious cue** is a background tint. With ``spurious > 0`` every image is tinted with
-the colour of one class: its own class with probability ``spurious``, otherwise a uniformly drawn
-class. A model can shortcut the task through the tint; the map never marks it. ``spurious = 0`` gives a
-neutral background.
+The optional **spurious cue** is a background tint (``tint=True``): every image is tinted with the
+colour of one class, its own class with probability ``spurious`` and otherwise a uniformly drawn class
+(so the tint matches the label with probability ``spurious + (1 - spurious) / num_classes``). A model
+can shortcut the task through the tint; the map never marks it. ``spurious=0`` keeps the tint but makes
+it uninformative (a test set for shortcut reliance); ``tint=False`` gives a neutral background.
 
 Everything is a function of ``(seed, image index)``: the same seed gives the same images whatever the
 number of shards or the order of generation.
@@ -31,7 +32,8 @@ class SynthSpec:
     num_classes: int = 10
     size: int = 256
     seed: int = 0
-    spurious: float = 0.0  # probability that the background tint is the label's colour; 0 = no tint
+    tint: bool = True  # tint the background with a class colour (the spurious cue's carrier)
+    spurious: float = 0.0  # probability that the tint is the label's colour, else a random class's
     num_distractors: tuple = (3, 7)  # [low, high) distractors per image
     object_radius: tuple = (0.14, 0.22)  # object radius, as a fraction of the image side
     map_blur: float = 0.035  # Gaussian sigma of the human map, fraction of the image side
@@ -41,6 +43,8 @@ class SynthSpec:
             raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {self.num_classes}")
         if not 0.0 <= self.spurious <= 1.0:
             raise ValueError(f"spurious must be in [0, 1], got {self.spurious}")
+        if self.spurious > 0 and not self.tint:
+            raise ValueError("spurious > 0 needs tint=True (the cue is the background tint)")
         if self.size < 16:
             raise ValueError(f"size must be at least 16, got {self.size}")
 
@@ -101,7 +105,7 @@ def make_example(index: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, i
     texture = np.kron(texture, np.ones((8, 8)))[:s, :s]
     base = 0.45 + 0.12 * texture / (np.abs(texture).max() + 1e-6)
     image = np.repeat(base[..., None], 3, axis=-1)
-    if spec.spurious > 0:
+    if spec.tint:
         cue = label if rng.random() < spec.spurious else int(rng.integers(spec.num_classes))
         image = 0.55 * image + 0.45 * _class_colour(cue, spec.num_classes) * (0.6 + 0.4 * base[..., None])
 
