@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from advalign_jax.cli.main import build_parser, main
@@ -55,3 +56,21 @@ def test_console_script_synth_then_inspect(tmp_path):
     data = json.loads(report.read_text())
     assert data["num_records"] == 24 and data["image_shapes"] == {"(32, 32, 3)": 24}
     assert sum(data["labels"].values()) == 24 and len(data["labels"]) == 10
+
+
+def test_embedded_data_is_the_documented_synth_output(tmp_path):
+    """The embedded shard is `data synth --config configs/synthetic_clickme.py:val` (README)."""
+    from advalign_jax.data import embedded_files, records
+    from advalign_jax.data.tf_env import import_tf
+
+    tf = import_tf()
+    assert main(["data", "synth", "--config", "configs/synthetic_clickme.py:val",
+                 "--config.num_images=8", "--out", str(tmp_path)]) == 0
+    fresh = list(tf.data.TFRecordDataset(str(tmp_path / "val-0.tfrecords")).as_numpy_iterator())
+    shipped = list(tf.data.TFRecordDataset(embedded_files("val")).take(8).as_numpy_iterator())
+    assert len(list(tf.data.TFRecordDataset(embedded_files("val")))) == 128
+    for a, b in zip(fresh, shipped):
+        ia, ib = records.describe_record(a, decode=True), records.describe_record(b, decode=True)
+        assert ia.label == ib.label
+        assert np.abs(ia.image - ib.image).mean() < 1.0  # same pixels up to JPEG codec versions
+        assert np.abs(ia.heatmap - ib.heatmap).mean() < 1.0
