@@ -1,0 +1,82 @@
+"""Small models: the 2-layer MLP of the toy experiments and the small CNN of the embedded demonstration.
+
+- ``mlp2``: ``Linear(in, hidden) - ReLU - Linear(hidden, classes)``, the PAG toy model
+  (``../shared/spec/pag.md``: 2 -> 32 -> 2, no input scaling).
+- ``small_cnn``: a 4-stage CNN for 224x224 ClickMe-style images that runs at a few hundred images/s on
+  a CPU: a 4x4 stride-4 patch stem, three 3x3 conv + BatchNorm + ReLU stages with 2x2 max-pooling,
+  global average pooling and a linear head; ImageNet input normalisation inside.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from advalign_jax.models.base import InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat
+
+
+class MLP(nn.Module):
+    num_classes: int = 2
+    hidden: int = 32
+    norm: InputNorm = InputNorm()
+    dtype: str = "float32"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dtype = compute_dtype(self.dtype)
+        x = x.astype(dtype)
+        x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name="fc1")(x))
+        self.sow("intermediates", "hidden_out", x)
+        return nn.Dense(self.num_classes, dtype=dtype, name="fc2")(x)
+
+
+class ConvStage(nn.Module):
+    features: int
+    pool: bool
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dtype = compute_dtype(self.dtype)
+        x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
+                    name="conv")(x)
+        x = nn.relu(batch_norm(train, "bn", dtype=dtype)(x))
+        return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
+
+
+class SmallCNN(nn.Module):
+    num_classes: int = 10
+    widths: Sequence[int] = (24, 32, 64, 96)
+    norm: InputNorm = InputNorm()
+    dtype: str = "float32"
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dtype = compute_dtype(self.dtype)
+        x = Normalize(self.norm)(x).astype(dtype)
+        x = nn.Conv(self.widths[0], (4, 4), strides=(4, 4), padding="VALID", dtype=dtype, name="stem")(x)
+        x = nn.relu(x)
+        self.sow("intermediates", "stem_out", x)
+        stage = maybe_remat(ConvStage, self.remat)
+        for i, width in enumerate(self.widths[1:]):
+            x = stage(width, pool=i < len(self.widths) - 2, dtype=self.dtype, name=f"stage{i + 1}")(x, train)
+            self.sow("intermediates", f"stage{i + 1}_out", x)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
+
+
+MODELS = {
+    "mlp2": ModelDef(
+        name="mlp2", build=MLP,
+        options=dict(num_classes=2, hidden=32, input_shape=(2,), norm="none", dtype="float32", remat=False),
+        description="2-layer MLP (the PAG toy experiment: 2 -> 32 -> 2)"),
+    "small_cnn": ModelDef(
+        name="small_cnn", build=SmallCNN,
+        options=dict(num_classes=10, widths=(24, 32, 64, 96), input_size=224, norm="imagenet",
+                     dtype="float32", remat=False),
+        description="small 4-stage CNN with BatchNorm for the embedded ClickMe demonstration"),
+}
