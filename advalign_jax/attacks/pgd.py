@@ -1,0 +1,231 @@
+"""Projected gradient descent (PGD) under L2 and Linf, compiled and batched, with per-example radii.
+
+Conventions (``../shared/spec/attacks.md``; Madry et al. 2018 and the Madry lab's ``robustness``
+library unless stated):
+
+- **Step**: L2 ``x <- x + a * g / (||g||_2 + 1e-10)`` per example; Linf ``x <- x + a * sign(g)``;
+  ``g`` is the gradient of the per-example loss w.r.t. the input. ``a`` is absolute, or ``a * eps``
+  with ``relative_step=True`` (foolbox's convention).
+- **Projection** of ``d = x - x0`` after each step (:func:`project`):
+
+  =============  =====================================  ====================================
+  ``ball``       L2: ``d * min(1, eps / ||d||)``;       correct PGD (the default)
+                 Linf: ``clip(d, -eps, eps)``
+  ``sphere``     L2: ``x = x0 + eps * d / ||d||``        the adversarial-alignment reference
+  ``accumulate`` L2: ``x = x + eps * d / ||d||``         that reference before its last fix
+  =============  =====================================  ====================================
+
+  then the result is clipped to the valid pixel range (``clip``; None = no clipping).
+- **Random start**: ``none``; ``sphere`` (a Gaussian direction scaled to norm eps, the L2 start of
+  ``robustness``); ``ball`` (uniform in the L2 ball, foolbox); ``box`` (uniform in
+  ``[-r, r]`` per pixel, the Linf start of ``robustness``; ``start_radius`` sets r, default eps).
+- **Loss**: per-example cross-entropy or the logit margin. Untargeted attacks ascend the loss of the
+  true label; targeted attacks (``targeted=True``, ``y`` = target) descend the cross-entropy to the
+  target (margin: ascend ``z_t - max_{i!=t} z_i``).
+- **Returned iterate**: the last, or with ``use_best=True`` the iterate of highest loss per example
+  among all iterates (the random start and the final one included; strict improvement replaces), as
+  ``robustness``'s ``use_best``.
+- **Restarts**: with ``restarts > 1`` each example keeps the first restart that succeeds (else the
+  last), as ``robustness`` does.
+
+Every example is independent of its batch mates (the model must run in inference mode); ``eps`` may
+be a scalar or a per-example array. The loop is a ``lax.fori_loop``, so compile time does not grow
+with the number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+L2, LINF = "l2", "linf"
+PROJECTIONS = ("ball", "sphere", "accumulate")
+STARTS = ("none", "sphere", "ball", "box")
+LOSSES = ("ce", "margin")
+GRAD_EPS = 1e-10
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDConfig:
+    """Everything that defines a PGD attack except the radius (which may differ per example)."""
+
+    norm: str = L2
+    steps: int = 10
+    step_size: float = 0.1
+    relative_step: bool = False
+    projection: str = "ball"
+    random_start: str = "none"
+    start_radius: Optional[float] = None  # box start half-width (default: eps)
+    targeted: bool = False
+    loss: str = "ce"
+    use_best: bool = False
+    restarts: int = 1
+    clip: Optional[tuple] = (0.0, 1.0)
+
+    def __post_init__(self):
+        if self.norm not in (L2, LINF):
+            raise ValueError(f"norm must be 'l2' or 'linf', got {self.norm!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.norm == LINF and self.projection != "ball":
+            raise ValueError("the 'sphere' and 'accumulate' projections are L2 conventions; Linf uses 'ball'")
+        if self.random_start not in STARTS:
+            raise ValueError(f"random_start must be one of {STARTS}, got {self.random_start!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if self.step_size <= 0:
+            raise ValueError(f"step_size must be positive, got {self.step_size}")
+        if self.restarts < 1:
+            raise ValueError(f"restarts must be at least 1, got {self.restarts}")
+
+
+def _per_example(v, x):
+    """Broadcasts a scalar or (N,) array against x of shape (N, ...)."""
+    v = jnp.asarray(v, x.dtype)
+    v = jnp.broadcast_to(v, x.shape[:1]) if v.ndim == 0 else v
+    return v.reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def l2_norm(d):
+    """Per-example L2 norm over all non-batch axes, shape (N, 1, ..., 1)."""
+    return jnp.sqrt(jnp.sum(d * d, axis=tuple(range(1, d.ndim)), keepdims=True))
+
+
+def per_example_loss(logits, y, loss: str = "ce", targeted: bool = False):
+    """The loss each example's attack ascends (see module docstring), shape (N,)."""
+    y = jnp.asarray(y)
+    if loss == "ce":
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[:, None], axis=1)[:, 0]
+        return -ce if targeted else ce
+    z = logits.astype(jnp.float32)
+    z_y = jnp.take_along_axis(z, y[:, None], axis=1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(y, z.shape[1], dtype=bool), -jnp.inf, z)
+    margin = jnp.max(others, axis=1) - z_y
+    return -margin if targeted else margin
+
+
+def step(x, grad, step_size, norm: str):
+    """One ascent step: L2 ``x + a g/(||g||+1e-10)``; Linf ``x + a sign(g)``. ``step_size``: (N,1,..)."""
+    if norm == L2:
+        return x + step_size * grad / (l2_norm(grad) + GRAD_EPS)
+    return x + step_size * jnp.sign(grad)
+
+
+def project(x, x0, eps, norm: str, projection: str, clip: Optional[tuple]):
+    """The projection of the module docstring, then clipping. ``eps``: (N, 1, ..., 1)."""
+    d = x - x0
+    if norm == LINF:
+        x = x0 + jnp.clip(d, -eps, eps)
+    else:
+        n = l2_norm(d)
+        safe = jnp.where(n > 0, n, 1.0)
+        if projection == "ball":
+            x = x0 + d * jnp.minimum(1.0, eps / safe)
+        elif projection == "sphere":
+            x = jnp.where(n > 0, x0 + eps * d / safe, x)
+        else:  # accumulate
+            x = jnp.where(n > 0, x + eps * d / safe, x)
+    if clip is not None:
+        x = jnp.clip(x, clip[0], clip[1])
+    return x
+
+
+def random_start(key, x0, eps, cfg: PGDConfig):
+    """The starting point of the module docstring (clipped)."""
+    if cfg.random_start == "none":
+        return x0
+    dim = x0[0].size
+    if cfg.random_start == "box":
+        r = eps if cfg.start_radius is None else _per_example(cfg.start_radius, x0)
+        x = x0 + jax.random.uniform(key, x0.shape, x0.dtype, -1.0, 1.0) * r
+    else:
+        k1, k2 = jax.random.split(key)
+        u = jax.random.normal(k1, x0.shape, x0.dtype)
+        u = u / (l2_norm(u) + GRAD_EPS)
+        if cfg.random_start == "sphere":
+            x = x0 + eps * u
+        else:  # uniform in the ball: radius eps * U^(1/dim)
+            radius = jax.random.uniform(k2, (x0.shape[0],) + (1,) * (x0.ndim - 1), x0.dtype) ** (1.0 / dim)
+            x = x0 + eps * radius * u
+    if cfg.clip is not None:
+        x = jnp.clip(x, cfg.clip[0], cfg.clip[1])
+    return x
+
+
+def _succeeded(logits, y, targeted):
+    pred = jnp.argmax(logits, axis=1)
+    return pred == y if targeted else pred != y
+
+
+def _single_run(logits_fn: Callable, x0, y, eps_b, key, cfg: PGDConfig):
+    """One PGD run; returns (x_adv, loss at x_adv)."""
+    a = eps_b * cfg.step_size if cfg.relative_step else jnp.full_like(eps_b, cfg.step_size)
+    expand = (-1,) + (1,) * (x0.ndim - 1)
+
+    def losses(x):
+        return per_example_loss(logits_fn(x), y, cfg.loss, cfg.targeted)
+
+    def loss_and_grad(x):
+        per, vjp = jax.vjp(losses, x)
+        (g,) = vjp(jnp.ones_like(per))  # per-example gradients: examples are independent
+        return per, g
+
+    def body(_, carry):
+        x, best_x, best_loss = carry
+        loss_now, g = loss_and_grad(x)
+        if cfg.use_best:  # the iterate before this step competes (the start included)
+            better = loss_now > best_loss
+            best_x = jnp.where(better.reshape(expand), x, best_x)
+            best_loss = jnp.where(better, loss_now, best_loss)
+        x = project(step(x, g, a, cfg.norm), x0, eps_b, cfg.norm, cfg.projection, cfg.clip)
+        return x, best_x, best_loss
+
+    x_start = random_start(key, x0, eps_b, cfg)
+    init = (x_start, x_start, jnp.full(x0.shape[:1], -jnp.inf, jnp.float32))
+    x, best_x, best_loss = jax.lax.fori_loop(0, cfg.steps, body, init)
+    if not cfg.use_best:
+        return x
+    final_loss = losses(x)  # the final iterate competes too
+    better = final_loss > best_loss
+    return jnp.where(better.reshape(expand), x, best_x)
+
+
+def pgd_with_logits(logits_fn: Callable, x, y, eps, cfg: PGDConfig, key=None):
+    """Runs PGD; returns ``(x_adv, logits at x_adv)`` (the logits come from the final check, so a
+    caller needs no extra forward pass)."""
+    x = jnp.asarray(x)
+    eps_b = _per_example(eps, x)
+    if key is None:
+        if cfg.random_start != "none" or cfg.restarts > 1:
+            raise ValueError("a random start or restarts need a PRNG key")
+        key = jax.random.PRNGKey(0)
+    keys = jax.random.split(key, cfg.restarts)
+    expand = (-1,) + (1,) * (x.ndim - 1)
+    best_x = _single_run(logits_fn, x, y, eps_b, keys[0], cfg)
+    best_logits = logits_fn(best_x)
+    done = _succeeded(best_logits, y, cfg.targeted)
+    for r in range(1, cfg.restarts):
+        x_r = _single_run(logits_fn, x, y, eps_b, keys[r], cfg)
+        logits_r = logits_fn(x_r)
+        take = jnp.logical_not(done)  # keep the first restart that succeeds; else the latest
+        best_x = jnp.where(take.reshape(expand), x_r, best_x)
+        best_logits = jnp.where(take[:, None], logits_r, best_logits)
+        done = jnp.logical_or(done, _succeeded(logits_r, y, cfg.targeted))
+    return best_x, best_logits
+
+
+def pgd(logits_fn: Callable, x, y, eps, cfg: PGDConfig, key=None):
+    """Runs PGD; returns ``(x_adv, success)``, ``success`` (N,) bool: misclassified (untargeted) or
+    classified as the target (targeted) at ``x_adv``.
+
+    ``logits_fn`` maps a batch of inputs to logits (inference mode); ``y`` holds true labels
+    (untargeted) or targets (targeted); ``eps`` is a scalar or an (N,) array. ``key`` is needed for
+    random starts and restarts. Wrap in ``jax.jit`` (with ``cfg`` static) to compile.
+    """
+    x_adv, logits = pgd_with_logits(logits_fn, x, y, eps, cfg, key)
+    return x_adv, _succeeded(logits, jnp.asarray(y), cfg.targeted)
