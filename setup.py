@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
     "ml_collections>=1.0.0",
     "tqdm>=4.66",
     "matplotlib>=3.8",
+    "tensorboard>=2.16",
     "h5py>=3.10",
     "pillow>=10.0",
 ]

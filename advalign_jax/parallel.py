@@ -98,3 +98,14 @@ def to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
     return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def all_processes(flag: bool) -> bool:
+    """True when ``flag`` is true on every process (the same answer everywhere, so every process
+    takes the same branch and none waits on a collective the others skip)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    flags = multihost_utils.process_allgather(np.asarray([bool(flag)]))
+    return bool(np.all(flags))

@@ -463,12 +463,17 @@ class ClickMeReader:
                 self._check(batch)
             yield batch
 
+    def train_batches(self) -> "TrainBatches":
+        """The training stream as a checkpointable iterator (``save``/``restore`` its position)."""
+        if self.config.mode != TRAIN:
+            raise ValueError("train_batches() needs mode='train'")
+        return TrainBatches(self)
+
     def __iter__(self) -> Iterator[dict]:
         cfg = self.config
         keep = ("image", "heatmap", "label", "token")
         if cfg.mode == TRAIN:
-            for batch in self._numpy_batches():
-                yield {k: batch[k] for k in keep}
+            yield from self.train_batches()
             return
         # One process, nothing skipped: the stream ends with the last record, no count pass needed.
         # Otherwise the count pass fixes how many batches every process yields (and finds damaged
@@ -531,3 +536,35 @@ class ClickMeReader:
         it = iter(self) if num_batches is None else self.take(num_batches)
         for batch in it:
             yield shard_batch(batch, mesh)
+
+
+class TrainBatches:
+    """An endless training stream of NumPy batches whose position can be saved and restored exactly
+    (``tf.train.Checkpoint`` of the tf.data iterator: file order, shuffle buffers, mixing state)."""
+
+    KEEP = ("image", "heatmap", "label", "token")
+
+    def __init__(self, reader: ClickMeReader):
+        self._reader = reader
+        self._it = iter(reader.dataset())
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        tf = import_tf()
+        try:
+            batch = {k: v.numpy() for k, v in next(self._it).items()}
+        except tf.errors.OpError as err:
+            raise self._reader._translate(err) from None
+        if not self._reader.config.skip_bad_records:
+            self._reader._check(batch)
+        return {k: batch[k] for k in self.KEEP}
+
+    def save(self, prefix: str) -> None:
+        tf = import_tf()
+        tf.train.Checkpoint(iterator=self._it).write(prefix)
+
+    def restore(self, prefix: str) -> None:
+        tf = import_tf()
+        tf.train.Checkpoint(iterator=self._it).read(prefix).assert_consumed()

@@ -1,0 +1,85 @@
+"""Optimizers and learning-rate schedules of the training recipes.
+
+- ``warmup_step``: linear warm-up from 0 over ``warmup_epochs``, then the base rate multiplied by
+  ``factors[i]`` from epoch ``boundaries[i]`` on (the harmonization recipe: warm-up 5 epochs, x0.1 at
+  30, x0.01 at 60, x0.001 at 80; PAG: no warm-up, x0.1 at 50, x0.01 at 75, x0.001 at 100);
+- ``cosine``: linear warm-up then cosine decay to ``end_factor`` of the base rate;
+- ``constant``.
+
+Optimizers: ``sgd`` (momentum, optionally Nesterov; the recipes), ``adamw`` and ``adam``. Decoupled
+weight decay (``optimizer.weight_decay``) is applied through :func:`decay_mask`; the harmonization
+recipe instead puts an L2 term in the loss (see ``objectives``).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import optax
+
+from advalign_jax.errors import ConfigError
+
+
+def path_names(tree) -> dict:
+    """``{'/'.join(path): leaf}`` of a parameter tree."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        flat["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
+    return flat
+
+
+def decay_mask(params, exclude: Sequence[str]):
+    """A tree of bools: True for parameters whose path contains none of the ``exclude`` substrings."""
+    def keep(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+        return not any(s in name for s in exclude)
+    return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    """The learning-rate schedule of the ``schedule`` config block (module docstring)."""
+    base = float(cfg.base_lr)
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if base <= 0:
+        raise ConfigError(f"schedule.base_lr must be positive, got {base}")
+    if cfg.name == "constant":
+        main = optax.constant_schedule(base)
+    elif cfg.name == "warmup_step":
+        if len(cfg.boundaries) != len(cfg.factors):
+            raise ConfigError("schedule.boundaries and schedule.factors must have the same length")
+        steps = [int(round(b * steps_per_epoch)) - warmup for b in cfg.boundaries]
+        factors = [float(f) for f in cfg.factors]
+        # piecewise_constant_schedule multiplies successive scales; turn cumulative factors into ratios.
+        scales, prev = {}, 1.0
+        for s, f in zip(steps, factors):
+            scales[max(s, 0)] = f / prev
+            prev = f
+        main = optax.piecewise_constant_schedule(base, scales)
+    elif cfg.name == "cosine":
+        main = optax.cosine_decay_schedule(base, max(total_steps - warmup, 1), alpha=float(cfg.end_factor))
+    else:
+        raise ConfigError(f"schedule.name must be warmup_step, cosine or constant, got {cfg.name!r}")
+    if warmup <= 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def optimizer(cfg, lr: optax.Schedule, params) -> optax.GradientTransformation:
+    """The optimizer of the ``optimizer`` config block."""
+    parts = []
+    if cfg.grad_clip and cfg.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+    mask = decay_mask(params, tuple(cfg.decay_exclude))
+    if cfg.name == "sgd":
+        if cfg.weight_decay:
+            parts.append(optax.add_decayed_weights(float(cfg.weight_decay), mask))
+        parts.append(optax.sgd(lr, momentum=float(cfg.momentum) or None, nesterov=bool(cfg.nesterov)))
+    elif cfg.name == "adamw":
+        parts.append(optax.adamw(lr, b1=float(cfg.b1), b2=float(cfg.b2), weight_decay=float(cfg.weight_decay),
+                                 mask=mask))
+    elif cfg.name == "adam":
+        parts.append(optax.adam(lr, b1=float(cfg.b1), b2=float(cfg.b2)))
+    else:
+        raise ConfigError(f"optimizer.name must be sgd, adamw or adam, got {cfg.name!r}")
+    return optax.chain(*parts)
