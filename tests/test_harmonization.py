@@ -211,7 +211,7 @@ def test_gradient_through_training_mode_batchnorm(rng):
     _assert_agreement(ours, want, exact, skip=("conv1/bias",))
     scale = max(np.abs(v).max() for v in exact.values())
     assert np.abs(ours["conv1/bias"] - exact["conv1/bias"]).max() < 1e-6 * scale
-    assert np.abs(want["conv1/bias"] - exact["conv1/bias"]).max() < 1e-4 * scale
+    assert np.abs(want["conv1/bias"] - exact["conv1/bias"]).max() < 1e-3 * scale  # the package: float32 noise
     # BatchNorm statistics were updated once, from the batch, as Keras does in training mode.
     km(tf.constant(batch["image"]), training=True)
     np.testing.assert_allclose(new_state["batch_stats"]["bn"]["mean"], km.get_layer("bn").moving_mean.numpy(),
