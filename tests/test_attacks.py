@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import importlib
 
-import torch
 
 from advalign_jax.attacks import PGDConfig, ReferenceSearch, doubling_search, pgd, reference_search
 from reference_attacks import TorchMLP, alignment_attack, madry_pgd, reference_protocol

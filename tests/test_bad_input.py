@@ -7,7 +7,7 @@ import pytest
 
 from advalign_jax.cli.main import main
 from advalign_jax.data import reader as reader_lib
-from advalign_jax.data import records, writer
+from advalign_jax.data import records
 from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import DataError
 

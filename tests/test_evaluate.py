@@ -1,7 +1,6 @@
 """The adversarial-alignment run: files and columns, resume without duplicates, bad input."""
 
 import csv
-import os
 
 import jax
 import numpy as np

@@ -2,7 +2,6 @@
 
 import jax
 import numpy as np
-import pytest
 from scipy import ndimage, stats
 
 import reference_harmonization as ref

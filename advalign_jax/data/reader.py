@@ -317,7 +317,6 @@ class ClickMeReader:
         return ds
 
     def _finish_map(self, image, heatmap):
-        tf = import_tf()
         if self.config.use_minmax:
             heatmap = preprocess.minmax_normalise(heatmap)
         if self.config.image_range == "0_1":

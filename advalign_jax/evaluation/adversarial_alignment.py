@@ -24,24 +24,19 @@ the data axis of the mesh; every process computes, process 0 writes.
 
 from __future__ import annotations
 
-import csv
-import dataclasses
-import json
 import math
 import os
-import sys
-import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advalign_jax import parallel
 from advalign_jax.attacks.pgd import PGDConfig
 from advalign_jax.attacks.search import ReferenceSearch, doubling_search, reference_search
-from advalign_jax.errors import AdvalignError, ConfigError
-from advalign_jax.evaluation import metrics
+from advalign_jax.errors import ConfigError
+from advalign_jax.evaluation import metrics, runner
+from advalign_jax.evaluation.results import format_table
 
 PER_IMAGE_COLUMNS = ["model", "img", "label", "pred", "eps", "l2", "linf", "spearman",
                      "clean_pred", "status", "dice", "iou"]
@@ -51,34 +46,6 @@ SUMMARY_COLUMNS = ["model", "num_correct", "avg_eps", "std_eps", "avg_l2", "std_
 # Config keys whose values decide the results (a resumed run must agree on them).
 RESULT_KEYS = ("data", "attack", "search", "attack_domain", "resize_to_model", "resize_method", "dtype",
                "max_images", "seed")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    arch: str
-    path: str
-    name: str
-
-
-def parse_model_specs(models: Sequence[str]) -> list[ModelSpec]:
-    """'ARCH=CHECKPOINT_DIR' strings -> specs; the display name is the directory's base name."""
-    if isinstance(models, str):
-        models = (models,)
-    if not models:
-        raise ConfigError("config.models is empty: give at least one 'ARCH=CHECKPOINT_DIR'")
-    specs = []
-    for item in models:
-        arch, sep, path = str(item).partition("=")
-        if not sep or not arch or not path:
-            raise ConfigError(f"config.models entry {item!r} must look like 'ARCH=CHECKPOINT_DIR' "
-                              "(e.g. 'resnet50=checkpoints/resnet50')")
-        specs.append(ModelSpec(arch.strip(), path.strip(), os.path.basename(os.path.normpath(path.strip()))))
-    names = [s.name for s in specs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise ConfigError(f"config.models: two checkpoints share the directory name {dup[0]!r}; "
-                          "results are filed by that name")
-    return specs
 
 
 def attack_config(c) -> PGDConfig:
@@ -161,7 +128,7 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
             "eps": out["eps"], "pred": out["pred"], "l2": metrics.l2_norm(d), "linf": metrics.linf_norm(d),
             "spearman": metrics.spearman(pmask, heatmaps),
             "dice": metrics.top_fraction_dice(pmask, heatmaps), "iou": metrics.top_fraction_iou(pmask, heatmaps),
-            "x": x, "x_adv": out["x_adv"], "heatmap": heatmaps, "pmask": pmask,
+            "picture_x": x, "picture_x_adv": out["x_adv"], "picture_heatmap": heatmaps, "picture_pmask": pmask,
         }
 
     return jax.jit(fn)
@@ -170,49 +137,6 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
 # ----------------------------------------------------------------------------------------------------
 # Files
 # ----------------------------------------------------------------------------------------------------
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(round(v, 6)) if abs(v) >= 1e-4 else f"{v:.6g}"
-    return str(v)
-
-
-class PerImageFile:
-    """The per-image CSV of one model: appended batch by batch, read back on resume."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.rows: dict[int, dict] = {}
-        if os.path.exists(path):
-            with open(path, newline="") as f:
-                lines = f.read().splitlines()
-            good = [lines[0]] if lines else []
-            for line in lines[1:]:
-                fields = next(csv.reader([line]))
-                if len(fields) != len(PER_IMAGE_COLUMNS):
-                    continue  # a line cut short by an interruption
-                row = dict(zip(PER_IMAGE_COLUMNS, fields))
-                if int(row["img"]) not in self.rows:
-                    self.rows[int(row["img"])] = row
-                    good.append(line)
-            if lines and lines[0].split(",") != PER_IMAGE_COLUMNS:
-                raise AdvalignError(f"{path}: not a per-image results file of this tool (unexpected header)")
-            with open(path + ".tmp", "w", newline="") as f:
-                f.write("\n".join(good) + "\n")
-            os.replace(path + ".tmp", path)
-
-    def append(self, rows: list[dict]) -> None:
-        new = not os.path.exists(self.path)
-        with open(self.path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(PER_IMAGE_COLUMNS)
-            writer.writerows([[_fmt(r[c]) for c in PER_IMAGE_COLUMNS] for r in rows])
-            f.flush()
-            os.fsync(f.fileno())
-        for r in rows:
-            self.rows[int(r["img"])] = {c: _fmt(r[c]) for c in PER_IMAGE_COLUMNS}
 
 
 def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
@@ -245,42 +169,6 @@ def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
     }
 
 
-def write_summary(path: str, rows: Sequence[dict]) -> None:
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(SUMMARY_COLUMNS)
-        writer.writerows([[_fmt(r[c]) for c in SUMMARY_COLUMNS] for r in rows])
-    os.replace(path + ".tmp", path)
-
-
-def check_workdir(workdir: str, config) -> None:
-    """Refuses a workdir that holds results of a different configuration; records the config."""
-    path = os.path.join(workdir, "config.json")
-    current = {k: config[k].to_dict() if hasattr(config[k], "to_dict") else config[k] for k in RESULT_KEYS}
-    current = json.loads(json.dumps(current))
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        for key in RESULT_KEYS:
-            if saved.get(key) != current[key]:
-                diff = _first_difference(saved.get(key), current[key], key)
-                raise AdvalignError(f"{workdir} holds results of a different configuration ({diff}); "
-                                    "use another --config.workdir or remove that folder")
-        return
-    os.makedirs(workdir, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(current, f, indent=1, sort_keys=True)
-    os.replace(path + ".tmp", path)
-
-
-def _first_difference(a, b, key):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return _first_difference(a.get(k), b.get(k), f"{key}.{k}")
-    return f"{key}: {a!r} there, {b!r} now"
-
-
 # ----------------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------------
@@ -302,9 +190,7 @@ def plot_scatter(path: str, summary: Sequence[dict]) -> None:
     ax.set_ylabel("adversarial alignment (mean Spearman)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    runner.save_figure(fig, path, dpi=110)
 
 
 def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
@@ -331,9 +217,7 @@ def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
             ax.axis("off")
     fig.suptitle(name, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=90)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    runner.save_figure(fig, path, dpi=90)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -341,15 +225,14 @@ def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _rows_from_batch(name: str, out: dict, batch_mask, indices, labels, unfooled: str, gate: float,
-                     done: set) -> list[dict]:
+def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str, gate: float) -> list[dict]:
     rows = []
-    for k in np.flatnonzero(batch_mask):
-        img = int(indices[k])
+    for k in np.flatnonzero(meta["mask"]):
+        img = int(meta["index"][k])
         if img in done:
             continue
         correct, fooled = bool(out["correct"][k]), bool(out["fooled"][k])
-        row = {"model": name, "img": img, "label": int(labels[k]), "clean_pred": int(out["clean_pred"][k]),
+        row = {"model": name, "img": img, "label": int(meta["label"][k]), "clean_pred": int(out["clean_pred"][k]),
                "pred": int(out["pred"][k]), "eps": float(out["eps"][k]), "l2": float(out["l2"][k]),
                "linf": float(out["linf"][k]), "spearman": float(out["spearman"][k]),
                "dice": float(out["dice"][k]), "iou": float(out["iou"][k])}
@@ -369,121 +252,29 @@ def _rows_from_batch(name: str, out: dict, batch_mask, indices, labels, unfooled
     return rows
 
 
-def evaluate(config, progress: bool = True, log=print) -> list[dict]:
-    """Runs the evaluation of every model in ``config.models``; returns the summary rows."""
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.data.config_block import reader_config  # pylint: disable=import-outside-toplevel
-    from advalign_jax.data.reader import ClickMeReader  # pylint: disable=import-outside-toplevel
-    from advalign_jax.models import load_model  # pylint: disable=import-outside-toplevel
-
-    parallel.initialize_distributed(bool(config.distributed))
-    specs = parse_model_specs(config.models)
+def task(config) -> runner.Task:
+    """The adversarial-alignment evaluation as a :class:`runner.Task` (config checked first)."""
     attack = attack_config(config)
     search = search_config(config)
     to_attack_domain(jnp.zeros((1, 2, 2, 3)), config.attack_domain, lambda x: x)  # validates the name
-    loaded = []
-    for spec in specs:  # every checkpoint is checked before any result is written
-        model, variables = load_model(spec.path, arch=spec.arch, dtype=config.dtype)
-        if model.num_classes != config.data.num_classes:
-            raise AdvalignError(f"{spec.path}: the model has {model.num_classes} classes but the data "
-                                f"has {config.data.num_classes} (data.num_classes)")
-        loaded.append((spec, model, variables))
-
-    mesh = parallel.make_mesh(devices=jax.devices()[:config.num_devices] if config.num_devices else None)
-    n_data = parallel.data_parallel_size(mesh)
-    global_batch = int(config.data.batch_size)
-    if global_batch % (n_data * jax.process_count()):
-        global_batch = math.ceil(global_batch / n_data) * n_data  # pad up to a multiple of the devices
-    per_process = global_batch // jax.process_count()
-    writer = jax.process_index() == 0
-    workdir = config.workdir
-    if writer:
-        check_workdir(workdir, config)
-        os.makedirs(os.path.join(workdir, "per_image"), exist_ok=True)
-        os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
-
-    summary_path = os.path.join(workdir, "summary.csv")
-    summary = []
-    for spec, model, variables in loaded:
-        per_image = PerImageFile(os.path.join(workdir, "per_image", f"{spec.name}.csv"))
-        timing_path = os.path.join(workdir, "per_image", f"{spec.name}.time.json")
-        spent = json.load(open(timing_path))["seconds"] if os.path.exists(timing_path) else 0.0
-        reader = ClickMeReader(reader_config(config.data, per_process_batch=per_process))
-        limit = config.max_images if config.max_images >= 0 else None
-        total = reader.num_batches if limit is None else min(reader.num_batches, math.ceil(limit / per_process))
-        batch_fn = make_batch_fn(model, config, attack, search)
-        first_rows = jax.jit(lambda out, n: {k: out[k][:n] for k in ("x", "x_adv", "heatmap", "pmask")},
-                             static_argnums=1, out_shardings=parallel.replicated(mesh))
-        params = parallel.replicate(variables, mesh)
-        panels, panel_path = [], os.path.join(workdir, "panels", f"{spec.name}.png")
-        bar = tqdm(total=total, desc=spec.name, unit="batch", disable=not (progress and writer), file=sys.stderr)
-        for i, batch in enumerate(reader.take(total)):
-            mask = batch["mask"] & (batch["index"] < limit) if limit is not None else batch["mask"]
-            done_here = all(int(j) in per_image.rows for j in batch["index"][mask])
-            if parallel.all_processes(done_here):
-                bar.update(1)
-                continue
-            start = time.perf_counter()
-            inputs = parallel.shard_batch({k: batch[k] for k in ("image", "heatmap", "label")}, mesh)
-            out = batch_fn(params, inputs["image"], inputs["heatmap"], inputs["label"])
-            host = parallel.to_host({k: v for k, v in out.items() if k not in ("x", "x_adv", "heatmap", "pmask")})
-            meta = parallel.to_host({"mask": mask, "index": batch["index"], "label": batch["label"]})
-            rows = _rows_from_batch(spec.name, host, meta["mask"], meta["index"], meta["label"],
-                                    config.search.unfooled, float(config.search.gate_eps), set(per_image.rows))
-            if writer:
-                per_image.append(rows)
-                spent += time.perf_counter() - start
-                with open(timing_path + ".tmp", "w") as f:
-                    json.dump({"seconds": spent}, f)
-                os.replace(timing_path + ".tmp", timing_path)
-            if len(panels) < config.num_panels:  # every process takes part: the arrays are gathered
-                pictures = first_rows(out, min(config.num_panels, global_batch))
-                panels.extend(_panel_data(pictures, host, meta, config.num_panels - len(panels)))
-            bar.update(1)
-        bar.close()
-        row = summarise(spec.name, list(per_image.rows.values()), spent)
-        summary.append(row)
-        if writer:
-            if panels:
-                plot_panels(panel_path, spec.name, panels)
-            existing = _read_summary(summary_path)
-            existing[spec.name] = row
-            write_summary(summary_path, [existing[s.name] for s in specs if s.name in existing] +
-                          [r for n, r in existing.items() if n not in {s.name for s in specs}])
-            plot_scatter(os.path.join(workdir, "tolerance_vs_alignment.png"), list(existing.values()))
-    return summary
+    return runner.Task(
+        result_keys=RESULT_KEYS, per_image_columns=PER_IMAGE_COLUMNS, summary_columns=SUMMARY_COLUMNS,
+        make_batch_fn=lambda model: make_batch_fn(model, config, attack, search),
+        rows=lambda name, host, meta, done: _rows_from_batch(name, host, meta, done, config.search.unfooled,
+                                                             float(config.search.gate_eps)),
+        summarise=summarise,
+        keep_picture=lambda host, k: bool(host["correct"][k] and host["fooled"][k]),
+        plot_panels=plot_panels,
+        plot_summary=lambda workdir, rows: plot_scatter(os.path.join(workdir, "tolerance_vs_alignment.png"), rows))
 
 
-def _panel_data(pictures, host, meta, want: int) -> list[dict]:
-    """Panels for the attacked images among the first rows of the batch (``pictures``)."""
-    picked = []
-    n = len(pictures["x"])
-    for k in np.flatnonzero(meta["mask"][:n]):
-        if len(picked) >= want:
-            break
-        if not (host["correct"][k] and host["fooled"][k]):
-            continue
-        picked.append({"img": int(meta["index"][k]), "label": int(meta["label"][k]), "pred": int(host["pred"][k]),
-                       "eps": float(host["eps"][k]), "spearman": float(host["spearman"][k]),
-                       "x": np.asarray(pictures["x"][k]), "x_adv": np.asarray(pictures["x_adv"][k]),
-                       "heatmap": np.asarray(pictures["heatmap"][k]), "pmask": np.asarray(pictures["pmask"][k])})
-    return picked
-
-
-def _read_summary(path: str) -> dict:
-    if not os.path.exists(path):
-        return {}
-    with open(path, newline="") as f:
-        return {r["model"]: r for r in csv.DictReader(f)}
+def evaluate(config, progress: bool = True) -> list[dict]:
+    """Runs the evaluation of every model in ``config.models``; returns the summary rows."""
+    return runner.run(config, task(config), progress=progress)
 
 
 def format_summary(rows: Sequence[dict]) -> str:
-    """A fixed-width table of the main summary columns."""
-    cols = ["model", "num_correct", "num_attacked", "avg_eps", "avg_l2", "avg_linf", "avg_spearman",
-            "num_undefined_spearman", "num_no_finite_tolerance", "wall_time_s"]
-    cells = [[_fmt(r[c]) if not isinstance(r[c], float) else f"{r[c]:.4g}" for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
+    """The main summary columns as a text table."""
+    return format_table(rows, ["model", "num_correct", "num_attacked", "avg_eps", "avg_l2", "avg_linf",
+                               "avg_spearman", "num_undefined_spearman", "num_no_finite_tolerance",
+                               "wall_time_s"])

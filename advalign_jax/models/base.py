@@ -128,8 +128,11 @@ class Model:
 
     def init(self, rng, batch_size: int = 1) -> dict:
         """Fresh variables (``{'params': ..., 'batch_stats': ...}``) for a random key."""
-        variables = self.module.init({"params": rng, "dropout": rng}, self.dummy_input(batch_size), train=False)
-        return {k: v for k, v in variables.items() if k != "intermediates"}
+        def init(rng, x):  # one compiled program, not one per parameter shape
+            variables = self.module.init({"params": rng, "dropout": rng}, x, train=False)
+            return {k: v for k, v in variables.items() if k != "intermediates"}
+
+        return jax.jit(init)(rng, self.dummy_input(batch_size))
 
     def variable_shapes(self) -> dict:
         """Shapes and dtypes of the variables, without allocating them (``jax.eval_shape``)."""
@@ -148,7 +151,8 @@ class Model:
         """(logits, new_state) in training mode; new_state holds updated BatchNorm statistics."""
         rngs = {"dropout": rng} if rng is not None else {}
         mutable = ["batch_stats"] if "batch_stats" in variables else []
-        out = self.module.apply(_params_and_state(variables), images, train=True, mutable=mutable, rngs=rngs)
+        out = self.module.apply(_params_and_state(variables), images, train=True, mutable=mutable or False,
+                                rngs=rngs)
         logits, state = out if mutable else (out, {})
         return logits.astype(jnp.float32), dict(state)
 

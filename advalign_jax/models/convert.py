@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 from advalign_jax.errors import AdvalignError
 from advalign_jax.models import importers, registry
@@ -25,6 +25,8 @@ def import_weights(weights: Mapping, family: str, arch: str, what: str = "checkp
         if value is not None:
             options[key] = value
     model = registry.get_model(arch, **options)
+    if importer.rename is not None:
+        weights = importer.rename(weights)
     variables = importers.assemble(importer.rules(model), weights, model.variable_shapes(),
                                    ignore=importer.ignore, what=f"{what} (as {arch})")
     return model, variables

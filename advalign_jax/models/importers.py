@@ -369,6 +369,9 @@ class Importer:
     options off the checkpoint (``num_classes`` from the head, variants); ``ignore`` lists substrings of
     source names that carry nothing to import (``num_batches_tracked``); ``norm`` is the input
     normalisation that checkpoints of this family expect unless the user says otherwise.
+    ``rename(weights)`` (optional) returns the weights under canonical names before the table is
+    applied, for sources whose names vary between library versions (auto-numbered Keras variables,
+    nested-layer prefixes); ``infer`` still sees the original names.
     """
 
     rules: Callable
@@ -376,3 +379,4 @@ class Importer:
     ignore: tuple = ()
     norm: Optional[str] = None
     description: str = ""
+    rename: Optional[Callable[[Mapping], dict]] = None

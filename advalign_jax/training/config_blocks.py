@@ -25,6 +25,10 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.label_smoothing = 0.0
     block.weight_decay = 0.0  # L2 term in the loss (the harmonization recipe uses 1e-5)
     block.decay_exclude = DECAY_EXCLUDE
+    # the harmonizer (objective 'harmonizer')
+    block.lambda_harmonization = 1.0
+    block.pyramid_levels = 5
+    block.saliency = "mean"
     for k, v in overrides.items():
         block[k] = v
     return block
