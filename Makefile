@@ -4,9 +4,6 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The reference package the tests compare against; its own dependencies no longer install, and the
-# tests load only its pure-TensorFlow submodules, so it is installed without them.
-REFERENCE := harmonization==0.0.9
 
 .PHONY: demo test install install-test clean
 
@@ -16,9 +13,9 @@ $(VENV)/.installed: setup.py
 	$(BIN)/python -m pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
+$(VENV)/.installed-test: $(VENV)/.installed tests/requirements-reference.txt
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps $(REFERENCE)
+	$(BIN)/python -m pip install -q --no-deps -r tests/requirements-reference.txt
 	touch $@
 
 install: $(VENV)/.installed

@@ -31,6 +31,7 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.16",
     "h5py>=3.10",
     "pillow>=10.0",
+    "scikit-learn>=1.3",  # its bundled digits: the offline real-image PAG run
 ]
 
 setup(
@@ -53,6 +54,8 @@ setup(
             # independent writers and reference implementations the tests compare against
             "safetensors>=0.4",
             "torch==2.13.0",
+            "validators>=0.20",  # needed by vit-keras (tests/requirements-reference.txt)
+            "opencv-python-headless>=4.8",  # imported by vit-keras
         ],
     },
     entry_points={"console_scripts": ["advalign-jax=advalign_jax.cli.main:main"]},

@@ -31,13 +31,13 @@ def get_config(arg: str = "vanilla"):
     c.model = model_block("small_cnn", num_classes=10)
     c.data_kind = "clickme"
     c.data = data_block(files=("data/synth/train-*.tfrecords",), batch_size=32, mode="train", num_classes=10,
-                        shuffle_buffer=512)
+                        shuffle_buffer=512, crop_area_range=(0.5, 1.0))
     c.eval_data = data_block(files=tuple(embedded_files("val")), batch_size=64, mode="eval", num_classes=10)
     c.objective = objective_block("ce")
     c.optimizer = optimizer_block("adamw", weight_decay=1e-4)
     c.schedule = schedule_block("cosine", base_lr=2e-3, warmup_epochs=0.5)
     trainer_fields(c, workdir=f"results/demo_{arg}")
-    c.total_steps = 600  # about 10 epochs of 2000 images
+    c.total_steps = 1200  # about 19 epochs of 2000 images
     c.steps_per_epoch = 63
     c.checkpoint_every = 200
     c.log_every = 20

@@ -9,9 +9,9 @@ Expected result: 4 shards ``train-{0..3}.tfrecords`` holding 2000 records (200 p
 256x256 images and maps, labels 0..9; the PNG shows each image with its map over the object.
 
 Variants (``:ARG``):
-  train     2000 JPEG-256 records, 4 shards, background tint = the label's colour 91% of the time.
-  val       the embedded default evaluation data: 128 JPEG-256 records, 1 shard, seed 1, and a tint
-            drawn independently of the label (a model that took the shortcut is fooled by it).
+  train     2000 JPEG-256 records, 4 shards; a corner patch shows the label's colour 91% of the time.
+  val       the embedded default evaluation data: 128 JPEG-256 records, 1 shard, seed 1, and a patch
+            colour drawn independently of the label (a model that took the shortcut is fooled by it).
   test_raw  the adversarial-alignment encoding: 100 raw-float32 224x224 records in one file.
   runlocal  a tiny JPEG set (24 records, 2 shards, 64 px) for tests.
 """
@@ -27,8 +27,8 @@ def get_config(arg: str = "train"):
     c.size = 256
     c.encoding = "jpeg"  # 'jpeg' (harmonization shards) or 'raw_float32' (adversarial-alignment subset)
     c.jpeg_quality = 95
-    c.tint = True  # background tinted with a class colour (the spurious cue)
-    c.spurious = 0.9  # P(tint = the label's colour), else a random class's; 0 = uninformative tint
+    c.cue = "patch"  # the spurious cue: 'patch' (corner square), 'tint' (background colour) or 'none'
+    c.spurious = 0.9  # P(cue = the label's colour), else a random class's; 0 = uninformative cue
     c.seed = 0
     c.prefix = "train"
     if arg == "train":

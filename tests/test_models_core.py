@@ -172,3 +172,16 @@ def test_assemble_lists_every_mismatch():
     del source["extra.weight"]
     out = importers.assemble(rules, source, expected, ignore=("num_batches_tracked",))
     assert out["params"]["b"]["kernel"].shape == (4, 2)
+
+
+def test_patch_stem_is_the_strided_convolution(rng):
+    """small_cnn's stem: reshape + matmul == lax.conv with kernel = stride = patch, VALID."""
+    from advalign_jax.models.small import PatchStem
+
+    x = rng.normal(size=(2, 37, 29, 3)).astype(np.float32)
+    stem = PatchStem(5, 8)
+    variables = stem.init(jax.random.PRNGKey(0), x)
+    ours = np.asarray(stem.apply(variables, x))
+    k, b = variables["params"]["kernel"], variables["params"]["bias"]
+    want = jax.lax.conv_general_dilated(x, k, (8, 8), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    np.testing.assert_allclose(ours, np.asarray(want), rtol=1e-5, atol=1e-5)

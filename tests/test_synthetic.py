@@ -33,21 +33,27 @@ def test_values_and_map_localisation():
         assert np.abs(image[inside].mean(0) - image[heat < 5].mean(0)).max() > 5
 
 
-def _border_colour(image):
-    return np.concatenate([image[:4].reshape(-1, 3), image[-4:].reshape(-1, 3)]).mean(0)
+def _cue_colour(image, cue):
+    if cue == "patch":  # the centre of the corner square
+        s = image.shape[0]
+        c = int(s * (synthetic.PATCH[0] + synthetic.PATCH[1]) / 2)
+        return image[c - 1:c + 2, c - 1:c + 2].reshape(-1, 3).mean(0)
+    return np.concatenate([image[-4:].reshape(-1, 3), image[:, -4:].reshape(-1, 3)]).mean(0)
 
 
-@pytest.mark.parametrize("tint,spurious,low,high", [(True, 1.0, 0.9, 1.01), (True, 0.0, -0.01, 0.4),
-                                                    (False, 0.0, -0.01, 0.4)])
-def test_spurious_background_cue_predicts_the_label_when_asked(tint, spurious, low, high):
-    """A nearest-centroid classifier on the border colour alone: near-perfect only with the cue."""
-    spec = synthetic.SynthSpec(size=48, tint=tint, spurious=spurious)
+@pytest.mark.parametrize("cue,spurious,low,high", [("patch", 1.0, 0.95, 1.01), ("patch", 0.0, -0.01, 0.4),
+                                                   ("tint", 1.0, 0.9, 1.01), ("tint", 0.0, -0.01, 0.4),
+                                                   ("none", 0.0, -0.01, 0.4)])
+def test_spurious_cue_predicts_the_label_when_asked(cue, spurious, low, high):
+    """A nearest-centroid classifier on the cue's colour alone: near-perfect only with the cue."""
+    spec = synthetic.SynthSpec(size=64, cue=cue, spurious=spurious)
     train = [synthetic.make_example(i, spec) for i in range(60)]
     test = [synthetic.make_example(i, spec) for i in range(1000, 1040)]
-    feats = np.array([_border_colour(im) for im, _, _ in train])
+    probe = "patch" if cue == "patch" else "tint"
+    feats = np.array([_cue_colour(im, probe) for im, _, _ in train])
     labels = np.array([l for _, _, l in train])
     centroids = np.stack([feats[labels == c].mean(0) for c in range(10)])
-    hits = [np.argmin(((centroids - _border_colour(im)) ** 2).sum(1)) == l for im, _, l in test]
+    hits = [np.argmin(((centroids - _cue_colour(im, probe)) ** 2).sum(1)) == l for im, _, l in test]
     assert low <= np.mean(hits) <= high
 
 
@@ -57,4 +63,6 @@ def test_bad_spec():
     with pytest.raises(ValueError):
         synthetic.SynthSpec(spurious=1.5)
     with pytest.raises(ValueError):
-        synthetic.SynthSpec(tint=False, spurious=0.5)
+        synthetic.SynthSpec(cue="none", spurious=0.5)
+    with pytest.raises(ValueError):
+        synthetic.SynthSpec(cue="stripes")

@@ -68,3 +68,23 @@ def test_resume_from_another_optimizer_is_refused(small_shards, tmp_path):
     with pytest.raises(AdvalignError, match="optimizer 'adamw'.*'sgd'"):
         train(_config(small_shards, tmp_path / "r", "total_steps=6", "optimizer.name=sgd"), progress=False,
               log=lambda *a: None)
+
+
+def test_harmonizer_step_on_one_and_eight_devices(small_shards, tmp_path):
+    """One harmonizer step (double backprop, BatchNorm in training mode) gives the same parameters."""
+    finals = []
+    for n in (1, 8):
+        config = _config(small_shards, tmp_path / f"h{n}", f"num_devices={n}", "total_steps=1",
+                         "objective.name=harmonizer", "log_every=1")
+        result = train(config, progress=False, log=lambda *a: None)
+        assert np.isfinite(result["alignment"])
+        finals.append(_params(tmp_path / f"h{n}" / "model"))
+    for u, v in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):
+        np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("recipe", ["configs/harmonize_vit_b16.py:runlocal"])
+def test_harmonization_recipe_runs_locally(recipe, tmp_path):
+    config = load_config(recipe, [f"workdir={tmp_path / 'r'}"])
+    result = train(config, progress=False, log=lambda *a: None)
+    assert np.isfinite(result["loss"]) and os.path.exists(result["export"])

@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
         "synth", help="write synthetic ClickMe shards in either real encoding",
         description="Write synthetic ClickMe TFRecords (JPEG-256 harmonization shards or raw-float32 "
                     "224 records): one class-defining shape per image among distractors, its "
-                    "silhouette as the human map, and an optional spurious background tint.",
+                    "silhouette as the human map, and an optional spurious cue (a corner patch or a "
+                    "background tint) correlated with the label.",
         epilog="Example: advalign-jax data synth --config configs/synthetic_clickme.py:val "
                "--config.num_images=64 --out data/synth")
     synth.add_argument("--config", default=DEFAULT_SYNTH_CONFIG,
@@ -59,7 +60,7 @@ def run_synth(args: argparse.Namespace) -> int:
         raise ConfigError(f"encoding must be one of {', '.join(records.ENCODINGS)}, got {config.encoding!r}")
     try:
         spec = synthetic.SynthSpec(num_classes=config.num_classes, size=config.size, seed=config.seed,
-                                   tint=config.tint, spurious=config.spurious)
+                                   cue=config.cue, spurious=config.spurious)
     except ValueError as err:
         raise ConfigError(f"{args.config}: {err}") from None
 

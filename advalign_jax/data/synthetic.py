@@ -6,11 +6,18 @@ among **distractors** that belong to no class (soft blobs and thin strokes), on 
 The "human" map is the object's silhouette, dilated and blurred the way aggregated clicks are, with
 peak 255: it marks exactly the pixels that decide the class.
 
-The optional **spurious cue** is a background tint (``tint=True``): every image is tinted with the
-colour of one class, its own class with probability ``spurious`` and otherwise a uniformly drawn class
-(so the tint matches the label with probability ``spurious + (1 - spurious) / num_classes``). A model
-can shortcut the task through the tint; the map never marks it. ``spurious=0`` keeps the tint but makes
-it uninformative (a test set for shortcut reliance); ``tint=False`` gives a neutral background.
+The optional **spurious cue** (``cue``) carries the colour of one class: its own class with probability
+``spurious`` and otherwise a uniformly drawn class (so it matches the label with probability
+``spurious + (1 - spurious) / num_classes``). A model can shortcut the task through it; the human map
+never marks it. ``spurious=0`` keeps the cue but makes it uninformative (a test set for shortcut
+reliance). Two carriers:
+
+- ``'patch'``: a small square of the class colour in the top-left corner, a localised shortcut (the
+  kind the harmonizer's saliency term can see);
+- ``'tint'``: the whole background tinted with the class colour. Its input-gradient is nearly uniform,
+  and the harmonizer standardises saliency maps (subtracting their mean) before comparing them, so this
+  shortcut is almost invisible to that loss;
+- ``'none'``: neither.
 
 Everything is a function of ``(seed, image index)``: the same seed gives the same images whatever the
 number of shards or the order of generation.
@@ -23,6 +30,9 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
+CUES = ("patch", "tint", "none")
+PATCH = (0.03, 0.15)  # the patch cue's square: from 3% to 15% of the side, top-left
+
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "diamond", "x", "frame", "crescent", "bars",
           "hexagon", "star")
 
@@ -32,8 +42,8 @@ class SynthSpec:
     num_classes: int = 10
     size: int = 256
     seed: int = 0
-    tint: bool = True  # tint the background with a class colour (the spurious cue's carrier)
-    spurious: float = 0.0  # probability that the tint is the label's colour, else a random class's
+    cue: str = "patch"  # the spurious cue's carrier: 'patch', 'tint' or 'none'
+    spurious: float = 0.0  # probability that the cue shows the label's colour, else a random class's
     num_distractors: tuple = (3, 7)  # [low, high) distractors per image
     object_radius: tuple = (0.14, 0.22)  # object radius, as a fraction of the image side
     map_blur: float = 0.035  # Gaussian sigma of the human map, fraction of the image side
@@ -43,8 +53,10 @@ class SynthSpec:
             raise ValueError(f"num_classes must be in [2, {len(SHAPES)}], got {self.num_classes}")
         if not 0.0 <= self.spurious <= 1.0:
             raise ValueError(f"spurious must be in [0, 1], got {self.spurious}")
-        if self.spurious > 0 and not self.tint:
-            raise ValueError("spurious > 0 needs tint=True (the cue is the background tint)")
+        if self.cue not in CUES:
+            raise ValueError(f"cue must be one of {CUES}, got {self.cue!r}")
+        if self.spurious > 0 and self.cue == "none":
+            raise ValueError("spurious > 0 needs a cue ('patch' or 'tint')")
         if self.size < 16:
             raise ValueError(f"size must be at least 16, got {self.size}")
 
@@ -100,14 +112,14 @@ def make_example(index: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, i
     label = int(index % spec.num_classes)
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / s  # pixel centres, [0, 1)
 
-    # Background: smooth low-frequency texture, optionally tinted by the spurious cue.
+    # Background: smooth low-frequency texture with a random (uninformative) tint.
     texture = _blur(rng.normal(size=(s // 8, s // 8)), 1.0)
     texture = np.kron(texture, np.ones((8, 8)))[:s, :s]
     base = 0.45 + 0.12 * texture / (np.abs(texture).max() + 1e-6)
     image = np.repeat(base[..., None], 3, axis=-1)
-    if spec.tint:
-        cue = label if rng.random() < spec.spurious else int(rng.integers(spec.num_classes))
-        image = 0.55 * image + 0.45 * _class_colour(cue, spec.num_classes) * (0.6 + 0.4 * base[..., None])
+    cue = label if rng.random() < spec.spurious else int(rng.integers(spec.num_classes))
+    background = cue if spec.cue == "tint" else int(rng.integers(spec.num_classes))
+    image = 0.55 * image + 0.45 * _class_colour(background, spec.num_classes) * (0.6 + 0.4 * base[..., None])
 
     def paint(alpha, colour):
         nonlocal image
@@ -142,6 +154,10 @@ def make_example(index: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, i
     colour = rng.uniform(0.0, 1.0, size=3)
     colour = colour * 0.9 if colour.mean() > 0.5 else colour * 0.9 + 0.1  # keep off mid-grey only
     paint(alpha, colour)
+
+    if spec.cue == "patch":  # the spurious patch, drawn last so nothing covers it
+        inside = (xx >= PATCH[0]) & (xx < PATCH[1]) & (yy >= PATCH[0]) & (yy < PATCH[1])
+        paint(inside.astype(np.float32), _class_colour(cue, spec.num_classes) * 0.9)
 
     # The human map: silhouette dilated by a few pixels and blurred; peak 255.
     silhouette = (sdf < 0.015).astype(np.float32)

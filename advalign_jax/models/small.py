@@ -2,9 +2,10 @@
 
 - ``mlp2``: ``Linear(in, hidden) - ReLU - Linear(hidden, classes)``, the PAG toy model
   (``../shared/spec/pag.md``: 2 -> 32 -> 2, no input scaling).
-- ``small_cnn``: a 4-stage CNN for 224x224 ClickMe-style images that runs at a few hundred images/s on
-  a CPU: a 4x4 stride-4 patch stem, three 3x3 conv + BatchNorm + ReLU stages with 2x2 max-pooling,
-  global average pooling and a linear head; ImageNet input normalisation inside.
+- ``small_cnn``: a 4-stage CNN for 224x224 ClickMe-style images, cheap enough for a CPU (about 15 M
+  multiply-adds per image): a ``patch x patch`` stride-``patch`` stem (8: 224 -> 28), three 3x3 conv +
+  BatchNorm + ReLU stages with 2x2 max-pooling between them, global average pooling and a linear
+  head; ImageNet input normalisation inside.
 """
 
 from __future__ import annotations
@@ -47,9 +48,32 @@ class ConvStage(nn.Module):
         return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
 
 
+class PatchStem(nn.Module):
+    """A ``patch x patch`` convolution with stride ``patch`` (no overlap), computed as a reshape and one
+    matrix product: the same function and parameters (``kernel`` (p, p, C, F), ``bias``) as
+    ``nn.Conv(F, (p, p), strides=(p, p), padding='VALID')``, several times faster on CPU. Inputs whose
+    sides are not multiples of ``patch`` are cropped at the bottom/right, as VALID padding does."""
+
+    features: int
+    patch: int
+    dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x):
+        n, h, w, c = x.shape
+        p = self.patch
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        dtype = compute_dtype(self.dtype)
+        x = x[:, :h // p * p, :w // p * p].astype(dtype)
+        x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // p, w // p, p * p * c)
+        return x @ kernel.reshape(p * p * c, self.features).astype(dtype) + bias.astype(dtype)
+
+
 class SmallCNN(nn.Module):
     num_classes: int = 10
     widths: Sequence[int] = (24, 32, 64, 96)
+    patch: int = 8
     norm: InputNorm = InputNorm()
     dtype: str = "float32"
     remat: bool = False
@@ -58,7 +82,7 @@ class SmallCNN(nn.Module):
     def __call__(self, x, train: bool = False):
         dtype = compute_dtype(self.dtype)
         x = Normalize(self.norm)(x).astype(dtype)
-        x = nn.Conv(self.widths[0], (4, 4), strides=(4, 4), padding="VALID", dtype=dtype, name="stem")(x)
+        x = PatchStem(self.widths[0], self.patch, dtype=self.dtype, name="stem")(x)
         x = nn.relu(x)
         self.sow("intermediates", "stem_out", x)
         stage = maybe_remat(ConvStage, self.remat)
@@ -76,7 +100,7 @@ MODELS = {
         description="2-layer MLP (the PAG toy experiment: 2 -> 32 -> 2)"),
     "small_cnn": ModelDef(
         name="small_cnn", build=SmallCNN,
-        options=dict(num_classes=10, widths=(24, 32, 64, 96), input_size=224, norm="imagenet",
+        options=dict(num_classes=10, widths=(24, 32, 64, 96), patch=8, input_size=224, norm="imagenet",
                      dtype="float32", remat=False),
         description="small 4-stage CNN with BatchNorm for the embedded ClickMe demonstration"),
 }

@@ -1,0 +1,31 @@
+"""Harmonization recipe: efficientnet_b0.
+
+The neural harmonizer recipe for efficientnet_b0 (``advalign-jax train``); see
+:mod:`advalign_jax.training.recipes` for every value and where it comes from.
+
+Commands. One GPU node (all local GPUs, data-parallel)::
+
+    advalign-jax train --config configs/harmonize_efficientnet_b0.py \
+        --config.model.init_from=checkpoints/efficientnet_b0 \
+        --config.data.files="('/data/clickme/train-*.tfrecords',)" \
+        --config.eval_data.files="('/data/clickme/val-*.tfrecords',)" \
+        --config.data.tfds_data_dir=/data/tfds
+
+A TPU pod: the same command on every host, with ``--config.distributed=true`` (each host reads its own
+shard files; Cloud TPU's coordinator is found automatically), e.g.
+``gcloud compute tpus tpu-vm ssh POD --worker=all --command="cd advalign_jax && .venv/bin/advalign-jax
+train --config configs/harmonize_efficientnet_b0.py --config.distributed=true ..."``.
+
+Expected result: the released harmonized EfficientNet-B0 reached about 77.8% top-1 and 44.8% of the
+human ceiling. The run writes ``results/harmonize_efficientnet_b0/`` (checkpoints every 2000 steps,
+metrics.csv, TensorBoard, the final model directory); rerunning the command resumes.
+
+Variants (``:ARG``):
+  runlocal    two CPU steps on the embedded shard at 32 px (the wiring only; tests run it).
+"""
+
+from advalign_jax.training.recipes import harmonization_recipe
+
+
+def get_config(arg: str = ""):
+    return harmonization_recipe("efficientnet_b0", arg, batch_size=1024)

@@ -1,0 +1,20 @@
+"""The notebooks run from top to bottom (shortened by environment variables where they offer it)."""
+
+import os
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+
+
+@pytest.mark.parametrize("name,env", [("adversarial_alignment.ipynb", {"NOTEBOOK_NUM_IMAGES": "2"})])
+def test_notebook_runs(name, env, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    nb = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": os.path.dirname(NOTEBOOKS)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
