@@ -14,7 +14,7 @@ shows how much each model took the tint shortcut (docs/demonstration.md has the 
 
 Variants (``:ARG``):
   vanilla     cross-entropy only.
-  harmonized  the same budget with the neural harmonizer's loss (lambda 1, 5 pyramid levels).
+  harmonized  the same budget with the neural harmonizer's loss (lambda 0.2, 5 pyramid levels).
   runlocal    a few steps on 64-px images, for tests.
 """
 
@@ -44,7 +44,7 @@ def get_config(arg: str = "vanilla"):
     if arg == "vanilla":
         pass
     elif arg == "harmonized":
-        c.objective = objective_block("harmonizer", lambda_harmonization=1.0, pyramid_levels=5, saliency="mean")
+        c.objective = objective_block("harmonizer", lambda_harmonization=0.2, pyramid_levels=5, saliency="mean")
     elif arg == "runlocal":
         c.data.image_size = 64
         c.data.batch_size = 8

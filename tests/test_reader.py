@@ -101,7 +101,9 @@ def test_train_mixing_with_a_mapless_tfds_source(small_shards, tmp_path):
     heat = np.concatenate([b["heatmap"] for b in batches])
     assert 0.1 < token.mean() < 0.45  # about a quarter from ClickMe
     assert np.all(heat[token == 0] == 0)  # map-less images: zero map, token 0
-    assert np.all(heat[token == 1].max(axis=(1, 2)) > 0.5)
+    peak = heat[token == 1].max(axis=(1, 2))
+    assert np.all((peak > 0.99) | (peak == 0))  # min-max maps (all zero only where the crop missed the object)
+    assert np.mean(peak > 0.99) > 0.8
     assert np.all(np.isfinite(heat))
     assert np.concatenate([b["image"] for b in batches]).shape[1:] == (32, 32, 3)
 

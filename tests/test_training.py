@@ -49,7 +49,8 @@ def test_train_export_and_exact_resume(small_shards, tmp_path):
 def test_one_and_eight_devices_agree(small_shards, tmp_path):
     finals = []
     for n in (1, 8):
-        config = _config(small_shards, tmp_path / f"d{n}", f"num_devices={n}", "total_steps=2")
+        config = _config(small_shards, tmp_path / f"d{n}", f"num_devices={n}", "total_steps=2",
+                         "optimizer.name=sgd")  # Adam's g/sqrt(v) turns float noise on near-zero gradients into +-lr
         train(config, progress=False, log=lambda *a: None)
         finals.append(_params(tmp_path / f"d{n}" / "model"))
     for u, v in zip(jax.tree.leaves(finals[0]), jax.tree.leaves(finals[1])):

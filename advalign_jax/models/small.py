@@ -13,15 +13,25 @@ from __future__ import annotations
 from typing import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from advalign_jax.models.base import InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat
+
+
+def torch_linear_init(fan_in: int):
+    """PyTorch's default ``nn.Linear`` initialisation: weights and biases uniform in
+    ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (kaiming_uniform with a = sqrt(5))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class MLP(nn.Module):
     num_classes: int = 2
     hidden: int = 32
     norm: InputNorm = InputNorm()
+    init_scheme: str = "torch"  # 'torch' (PyTorch's nn.Linear default, as the PAG toy code) or 'lecun' (flax's)
     dtype: str = "float32"
     remat: bool = False
 
@@ -29,9 +39,16 @@ class MLP(nn.Module):
     def __call__(self, x, train: bool = False):
         dtype = compute_dtype(self.dtype)
         x = x.astype(dtype)
-        x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name="fc1")(x))
+
+        def dense(features, fan_in, name):
+            if self.init_scheme == "torch":
+                return nn.Dense(features, dtype=dtype, name=name, kernel_init=torch_linear_init(fan_in),
+                                bias_init=torch_linear_init(fan_in))
+            return nn.Dense(features, dtype=dtype, name=name)
+
+        x = nn.relu(dense(self.hidden, x.shape[-1], "fc1")(x))
         self.sow("intermediates", "hidden_out", x)
-        return nn.Dense(self.num_classes, dtype=dtype, name="fc2")(x)
+        return dense(self.num_classes, self.hidden, "fc2")(x)
 
 
 class ConvStage(nn.Module):
@@ -96,7 +113,8 @@ class SmallCNN(nn.Module):
 MODELS = {
     "mlp2": ModelDef(
         name="mlp2", build=MLP,
-        options=dict(num_classes=2, hidden=32, input_shape=(2,), norm="none", dtype="float32", remat=False),
+        options=dict(num_classes=2, hidden=32, input_shape=(2,), norm="none", init_scheme="torch", dtype="float32",
+                     remat=False),
         description="2-layer MLP (the PAG toy experiment: 2 -> 32 -> 2)"),
     "small_cnn": ModelDef(
         name="small_cnn", build=SmallCNN,

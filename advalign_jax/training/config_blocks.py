@@ -29,6 +29,22 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.lambda_harmonization = 1.0
     block.pyramid_levels = 5
     block.saliency = "mean"
+    # PAG (objective 'pag'; advalign_jax/training/objectives/pag.py)
+    block.pag_weight = 15.0
+    block.reduction = "mean"
+    block.num_targets = 0  # 0: all classes
+    block.semantics = "shared"
+    block.grad_scale = "mean"
+    block.target_source = "nearest_neighbour"
+    block.nn_sample_size = 0  # 0: every training image of the class
+    block.nn_chunk_size = 256
+    block.class_mean_scale = 0.0  # 0: automatic
+    block.targets_file = ""
+    block.warm_steps = 0  # steps at warm_weight before pag_weight applies (0: none)
+    block.warm_weight = 0.0
+    block.augment_padding = 0  # crop with padding (and flip) inside the loss; 0: no augmentation
+    block.augment_fill = 0.5
+    block.per_example_augment = True
     for k, v in overrides.items():
         block[k] = v
     return block
@@ -78,3 +94,35 @@ def trainer_fields(c: ml_collections.ConfigDict, workdir: str) -> ml_collections
     c.distributed = False
     c.num_devices = 0  # use the first N devices (0: all)
     return c
+
+
+def arrays_block(source: str, **overrides) -> ml_collections.ConfigDict:
+    """Which in-memory dataset ``data_kind='arrays'`` trains and evaluates on."""
+    block = ml_collections.ConfigDict()
+    block.source = source  # 'tfds:cifar10', 'digits', 'toy2d', 'synthetic'
+    block.train_split = "train"
+    block.test_split = "test"
+    block.data_dir = ""  # TFDS data_dir ('' = TFDS's default)
+    block.limit = 0  # first N training examples (0: all)
+    block.eval_limit = 0  # first N test examples (0: all)
+    for k, v in overrides.items():
+        block[k] = v
+    return block
+
+
+def eval_attack_block(**overrides) -> ml_collections.ConfigDict:
+    """The attack of the per-epoch robust evaluation (default: PAG's official one: untargeted L2 PGD,
+    eps 0.5, 7 steps of 1.5 * eps / 7, random start uniform in +-8/255 per pixel, last iterate)."""
+    block = ml_collections.ConfigDict()
+    block.norm = "l2"
+    block.eps = 0.5
+    block.steps = 7
+    block.step_size = 1.5 / 7
+    block.relative_step = True
+    block.random_start = "box"
+    block.start_radius = 8 / 255
+    block.target = "none"  # 'none' (untargeted) or 'next' (class (y + 1) mod C: the other class of two)
+    block.clip = (0.0, 1.0)  # () for no clipping (the toy points)
+    for k, v in overrides.items():
+        block[k] = v
+    return block

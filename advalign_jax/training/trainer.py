@@ -258,12 +258,20 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
     # ---- update step --------------------------------------------------------------------------------
     base_key = jax.random.PRNGKey(int(config.seed) + 1)
 
-    def update(state, batch):
+    # Per-run constants of the objective (PAG's class representatives or NN sample set), placed on
+    # every device once and passed to the step as an argument (not baked into the program).
+    context = objective.prepare(config, train_input) if hasattr(objective, "prepare") else None
+    context = parallel.replicate(context, mesh) if context else None
+
+    def update(state, batch, context):
         step_key = jax.random.fold_in(base_key, state["step"])
+        batch = {**batch, "step": state["step"]}  # objectives with step-dependent weights read it
         model_state = {"batch_stats": state["batch_stats"]} if "batch_stats" in state else {}
 
         def loss_fn(params):
-            return objective.loss(model, params, model_state, batch, step_key, config.objective)
+            if context is None:
+                return objective.loss(model, params, model_state, batch, step_key, config.objective)
+            return objective.loss(model, params, model_state, batch, step_key, config.objective, context)
 
         (loss, (new_model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -312,7 +320,7 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
             break
         batch = next(train_input)
         global_batch_arrays = parallel.shard_batch(batch, mesh)
-        state, metrics = update_step(state, global_batch_arrays)
+        state, metrics = update_step(state, global_batch_arrays, context)
         pending.append(metrics)
         step += 1
         ran += 1
@@ -323,19 +331,19 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
             _save(manager, workdir, step, state, meta, train_input)
             last_good = step
         if config.eval_every and step % int(config.eval_every) == 0 and step < total_steps:
-            acc = _evaluate(config, model, state, mesh)
-            if acc is not None:
-                metrics_log.write(step, {"eval_accuracy": acc})
+            evaluation = _evaluate(config, model, state, mesh)
+            if evaluation:
+                metrics_log.write(step, evaluation)
     bar.close()
     flush(step)
     if step < total_steps:  # interrupted on purpose (stop_after): keep the checkpoint, no export
         if last_good != step:
             _save(manager, workdir, step, state, meta, train_input)
         return last_values
-    acc = _evaluate(config, model, state, mesh)
-    if acc is not None:
-        metrics_log.write(step, {"eval_accuracy": acc})
-        last_values["eval_accuracy"] = acc
+    evaluation = _evaluate(config, model, state, mesh)
+    if evaluation:
+        metrics_log.write(step, evaluation)
+        last_values.update(evaluation)
     if writer:
         export = config.export_to or os.path.join(workdir, "model")
         final = final_variables(state)
@@ -354,13 +362,65 @@ def final_variables(state) -> dict:
     return out
 
 
-def _evaluate(config, model, state, mesh) -> Optional[float]:
-    if not config.eval_data.files:
-        return None
+def _evaluate(config, model, state, mesh) -> dict:
+    """Evaluation metrics of the current state: clean accuracy on ``eval_data`` (ClickMe) or, for
+    array data, clean and robust accuracy on the test split (``eval_attack``)."""
     variables = {"params": state["params"]}
     if "batch_stats" in state:
         variables["batch_stats"] = state["batch_stats"]
-    return clean_accuracy(model, variables, config.eval_data, mesh)
+    if config.data_kind == "arrays":
+        return array_robust_accuracy(config, model, variables, mesh)
+    if not config.eval_data.files:
+        return {}
+    return {"eval_accuracy": clean_accuracy(model, variables, config.eval_data, mesh)}
+
+
+def eval_attack_config(c):
+    """The PGDConfig and radius of the ``eval_attack`` block."""
+    from advalign_jax.attacks.pgd import PGDConfig  # pylint: disable=import-outside-toplevel
+
+    a = c.eval_attack
+    cfg = PGDConfig(norm=a.norm, steps=int(a.steps), step_size=float(a.step_size), relative_step=bool(a.relative_step),
+                    projection="ball", random_start=a.random_start,
+                    start_radius=float(a.start_radius) if a.start_radius else None,
+                    targeted=a.target != "none", clip=tuple(a.clip) if len(a.clip) else None)
+    return cfg, float(a.eps)
+
+
+def array_robust_accuracy(config, model, variables, mesh, batch_size: int = 256) -> dict:
+    """Clean and robust accuracy on the test split of ``config.arrays`` under ``config.eval_attack``
+    (targeted attacks aim at class ``(y + 1) mod C``: the other class of a binary task)."""
+    from advalign_jax.attacks.pgd import pgd  # pylint: disable=import-outside-toplevel
+    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+
+    a = config.arrays
+    x, y = load_arrays(a.source, a.test_split, a.data_dir or None, a.eval_limit if a.eval_limit > 0 else None)
+    attack, eps = eval_attack_config(config)
+    num_classes = model.num_classes
+    n_dev = parallel.data_parallel_size(mesh)
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+
+    @jax.jit
+    def run(variables, xb, yb, key):
+        f = model.logits_fn(variables)
+        clean = jnp.argmax(f(xb), -1) == yb
+        target = (yb + 1) % num_classes if attack.targeted else yb
+        x_adv, _ = pgd(f, xb, target, eps, attack, key=key)
+        robust = jnp.argmax(f(x_adv), -1) == yb
+        return clean, robust
+
+    clean_hits = robust_hits = 0
+    key = jax.random.PRNGKey(int(config.seed) + 7)
+    for start in range(0, len(x), batch_size):
+        n = min(batch_size, len(x) - start)
+        xb = np.zeros((batch_size,) + x.shape[1:], np.float32)
+        yb = np.zeros((batch_size,), np.int32)
+        xb[:n], yb[:n] = x[start:start + n], y[start:start + n]
+        g = parallel.shard_batch({"x": xb, "y": yb}, mesh)
+        clean, robust = parallel.to_host(run(variables, g["x"], g["y"], jax.random.fold_in(key, start)))
+        clean_hits += int(np.sum(clean[:n]))
+        robust_hits += int(np.sum(robust[:n]))
+    return {"eval_accuracy": clean_hits / len(x), "eval_robust_accuracy": robust_hits / len(x)}
 
 
 def _save(manager, workdir, step, state, meta, train_input) -> None:
