@@ -14,6 +14,7 @@ the position is a pair of integers, saved and restored exactly.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from typing import Optional
@@ -88,9 +89,16 @@ def make(kind: str, config, per_process_batch: int):
 
         if not obj.targets_file:
             raise ConfigError("objective.target_source='precomputed' needs objective.targets_file")
-        if not os.path.exists(obj.targets_file) and not obj.targets_file.endswith(".tfrecords"):
-            raise DataError(f"{obj.targets_file}: file not found (objective.targets_file)")
-        loaded = pag_targets.load_targets(obj.targets_file, num_classes=int(config.model.options.num_classes))
+        num_classes = int(config.model.options.num_classes)
+        if obj.targets_file.endswith(".tfrecords"):  # a shard pattern written by `advalign-jax targets --shards`
+            shards = sorted(glob.glob(obj.targets_file))
+            if not shards:
+                raise DataError(f"{obj.targets_file}: no such file (objective.targets_file)")
+            loaded = pag_targets.read_target_records(shards, num_classes=num_classes)
+        elif not os.path.exists(obj.targets_file):
+            raise DataError(f"{obj.targets_file}: no such file (objective.targets_file)")
+        else:
+            loaded = pag_targets.load_targets(obj.targets_file, num_classes=num_classes)
         if len(loaded.images) != len(images) or loaded.images.shape[1:] != images.shape[1:]:
             raise DataError(f"{obj.targets_file}: targets for {len(loaded.images)} images of shape "
                             f"{loaded.images.shape[1:]}, but the training split has {len(images)} of shape "

@@ -1,0 +1,144 @@
+"""``advalign-jax targets``: precompute PAG target gradients for a dataset and store them.
+
+Writes the reference layout (each image followed by its C target gradients) as ``.npz``/``.npy``, or
+TFRecord shards for large sets (one record per image; :mod:`advalign_jax.losses.pag_targets`). A
+training config then reads them with ``objective.target_source='precomputed'`` and
+``objective.targets_file=PATH`` (for shards: ``DIR/PREFIX-*.tfrecords``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+METHODS = ("one_image", "class_mean", "nearest_neighbour")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "targets", help="precompute PAG target gradients (OI, CM, NN) for a dataset",
+        description="Compute the target gradients g(x, c) = r(c) - x of every image of a dataset for every "
+                    "class c (One Image, Class Mean, or Nearest Neighbour: the nearest other image of class c) "
+                    "and store them in the reference layout, for training with "
+                    "objective.target_source='precomputed'.",
+        epilog="Examples: advalign-jax targets --source digits --method nearest_neighbour --out "
+               "results/digits_nn.npz;  advalign-jax targets --source tfds:cifar10 --method nearest_neighbour "
+               "--out results/c10_nn --shards 16  (TFRecords; an interrupted run resumes at the first "
+               "missing shard)")
+    p.add_argument("--source", required=True, help="tfds:NAME, digits, toy2d or synthetic")
+    p.add_argument("--split", default="train", help="split to compute (default: train)")
+    p.add_argument("--data-dir", default=None, help="TFDS data_dir")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--method", choices=METHODS, default="nearest_neighbour", help="target source")
+    p.add_argument("--num-classes", type=int, default=0, help="C (default: 1 + the largest label)")
+    p.add_argument("--nn-sample-size", type=int, default=0, help="NN: images per class searched (0: all)")
+    p.add_argument("--class-mean-scale", type=float, default=0.0, help="CM: constant scale (0: automatic)")
+    p.add_argument("--seed", type=int, default=0, help="OI's image choice and NN's sample set")
+    p.add_argument("--out", required=True, help="FILE.npz / FILE.npy, or a directory for TFRecord shards")
+    p.add_argument("--shards", type=int, default=0, help="write N TFRecord shards into --out (0: one array file)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_targets)
+
+
+def compute_targets(method, images, labels, num_classes, *, seed=0, nn_sample_size=0, class_mean_scale=0.0,
+                    progress=lambda it: it):
+    """(N, C, *image_shape) float32 target gradients of every image (NumPy)."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
+
+    if method == "nearest_neighbour":
+        targets, _ = T.nearest_neighbour_targets_dataset(images, labels, num_classes, nn_sample_size or None,
+                                                         seed=seed, progress=progress)
+        return targets
+    reps = _representatives(method, images, labels, num_classes, seed, class_mean_scale)
+    return np.asarray(T.representative_targets(np.asarray(images, np.float32), reps), np.float32)
+
+
+def _representatives(method, images, labels, num_classes, seed, class_mean_scale):
+    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
+
+    if method == "one_image":
+        return T.one_image_representatives(images, labels, num_classes, seed=seed)[0]
+    return T.class_mean_representatives(images, labels, num_classes,
+                                        scale=class_mean_scale if class_mean_scale else "auto")
+
+
+def run_targets(args: argparse.Namespace) -> int:
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+    from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
+    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
+
+    images, labels = load_arrays(args.source, args.split, args.data_dir, args.limit)
+    num_classes = args.num_classes or int(np.max(labels)) + 1
+    progress = (lambda it: it) if args.no_progress else (lambda it: tqdm(it, desc="targets", unit="batch"))
+    kw = dict(seed=args.seed, nn_sample_size=args.nn_sample_size, class_mean_scale=args.class_mean_scale)
+    if args.shards <= 0:
+        if os.path.splitext(args.out)[1] not in (".npz", ".npy"):
+            raise ConfigError(f"--out {args.out}: name a .npz or .npy file, or pass --shards N for TFRecords")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        targets = compute_targets(args.method, images, labels, num_classes, progress=progress, **kw)
+        T.save_targets(args.out, images, targets, labels)
+        written = [args.out]
+    else:
+        # Shard s holds images s, s + S, s + 2S, ...; finished shards are kept, so a rerun resumes.
+        os.makedirs(args.out, exist_ok=True)
+        meta = {"source": args.source, "split": args.split, "limit": args.limit, "method": args.method,
+                "num_classes": num_classes, "shards": args.shards, **kw}
+        meta_path = os.path.join(args.out, "targets.json")
+        if os.path.exists(meta_path):
+            with open(meta_path) as f:
+                old = json.load(f)
+            if old != meta:
+                diff = sorted(k for k in meta if old.get(k) != meta[k])
+                raise ConfigError(f"{args.out} holds targets made with other settings ({', '.join(diff)}); "
+                                  f"choose another --out")
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=1)
+        written = []
+        if args.method == "nearest_neighbour":  # the whole set is the sample set; shards only split queries
+            bank = T.nearest_neighbour_bank(images, labels, num_classes, args.nn_sample_size or None, args.seed)
+        else:
+            reps = _representatives(args.method, images, labels, num_classes, args.seed, args.class_mean_scale)
+        for s in progress(range(args.shards)):
+            path = os.path.join(args.out, f"targets-{s}.tfrecords")
+            written.append(path)
+            if os.path.exists(path):
+                continue
+            idx = np.arange(s, len(images), args.shards)
+            if args.method == "nearest_neighbour":
+                targets = _nn_for(images, idx, bank)
+            else:
+                targets = np.asarray(T.representative_targets(images[idx], reps), np.float32)
+            tmp_dir = os.path.join(args.out, f".shard-{s}")
+            T.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
+            os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
+            os.rmdir(tmp_dir)
+    print(json.dumps({"written": written, "images": int(len(images)), "num_classes": num_classes,
+                      "method": args.method}, indent=1))
+    return 0
+
+
+def _nn_for(images, idx, bank_and_ids, query_batch: int = 256):
+    """NN targets of ``images[idx]`` against the full sample set (fixed-size query batches)."""
+    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
+
+    bank, ids = jnp.asarray(bank_and_ids[0]), jnp.asarray(bank_and_ids[1])
+    out = []
+    for start in range(0, len(idx), query_batch):
+        part = idx[start:start + query_batch]
+        q = np.zeros((query_batch,) + images.shape[1:], np.float32)
+        q[:len(part)] = images[part]
+        qid = np.full(query_batch, -2, np.int32)
+        qid[:len(part)] = part
+        t, _, _ = T.nearest_neighbour(jnp.asarray(q), jnp.asarray(qid), bank, ids)
+        out.append(np.asarray(t)[:len(part)])
+    return np.concatenate(out)
