@@ -23,8 +23,7 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
-	$(BIN)/advalign-jax data inspect advalign_jax/data/embedded/val-*.tfrecords --num-classes 10 \
-		--out results/embedded_val.png
+	$(BIN)/advalign-jax evaluate --config configs/adversarial_alignment.py
 
 test: $(VENV)/.installed-test
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -n auto tests
