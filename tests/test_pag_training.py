@@ -107,3 +107,11 @@ def test_pag_on_clickme_data_is_refused_clearly(tmp_path):
     config = load_config("configs/demo.py:runlocal", [f"workdir={tmp_path / 'c'}", "objective.name=pag"])
     with pytest.raises(AdvalignError, match="data_kind='arrays'"):
         train(config, **QUIET)
+
+
+@pytest.mark.parametrize("recipe", ["configs/pag_cifar10_resnet18.py:runlocal", "configs/pag_cifar10_vit.py:runlocal"])
+def test_official_pag_recipes_run_locally(recipe, tmp_path):
+    config = load_config(recipe, [f"workdir={tmp_path / 'r'}"])
+    assert config.optimizer.name == "sgd" and config.optimizer.weight_decay == 1e-4 and config.seed == 3407
+    result = train(config, **QUIET)
+    assert np.isfinite(result["loss"]) and os.path.exists(result["export"])

@@ -20,8 +20,8 @@ import ml_collections
 
 from advalign_jax.data import embedded_files
 from advalign_jax.data.config_block import data_block
-from advalign_jax.training.config_blocks import (model_block, objective_block, optimizer_block, schedule_block,
-                                                 trainer_fields)
+from advalign_jax.training.config_blocks import (arrays_block, eval_attack_block, model_block, objective_block,
+                                                 optimizer_block, schedule_block, trainer_fields)
 
 IMAGENET_TRAIN = 1_281_167
 
@@ -95,3 +95,63 @@ steps, metrics.csv, TensorBoard, the final model directory); rerunning the comma
 Variants (``:ARG``):
   runlocal    two CPU steps on the embedded shard at 32 px (the wiring only; tests run it).
 """
+
+
+CIFAR10_TRAIN = 50_000
+PAG_SOURCES = {"nn": "nearest_neighbour", "oi": "one_image", "cm": "class_mean", "sbg": "precomputed"}
+
+
+def pag_cifar10_recipe(arch: str, arg: str = "nn", pag_weight: float = 15.0, warm_weight: float = 0.0,
+                       warm_epochs: int = 0) -> ml_collections.ConfigDict:
+    """The official PAG CIFAR-10 recipe (``../shared/spec/pag.md``, "Training recipe"): SGD momentum 0.9
+    (no Nesterov) with PyTorch's coupled weight decay 1e-4 on every parameter, lr 0.01 then x0.1 at
+    epoch 50, x0.01 at 75 (x0.001 at 100: the last epoch ends there), 100 epochs of batch 64, seed
+    3407; crop 32 with padding 4 (fill 0 in the official [-1, 1] frame, 0.5 here in [0, 1]) and flip,
+    inside the loss; all 10 classes as targets, ``1 - mean cos`` times ``pag_weight`` (= 10 x
+    pag_coeff); the official per-epoch evaluation (untargeted L2 PGD, eps 0.5, 7 steps of 1.5 eps / 7,
+    random start, last iterate) on the 10,000 test images.
+
+    ``arg`` picks the target gradients: ``nn`` (nearest neighbour among all training images of the
+    class), ``oi``, ``cm``, or ``sbg`` (the official precomputed score-based targets: set
+    ``objective.targets_file`` to ``c10_sbg.pt``-style files or an ``advalign-jax targets`` output);
+    ``runlocal`` runs a few CPU steps on 32-px synthetic images (the wiring only; tests run it).
+    """
+    c = ml_collections.ConfigDict()
+    c.model = model_block(arch, num_classes=10)
+    c.data_kind = "arrays"
+    c.arrays = arrays_block("tfds:cifar10")
+    c.data = ml_collections.ConfigDict({"batch_size": 64})
+    source = PAG_SOURCES.get(arg, "nearest_neighbour")
+    c.objective = objective_block("pag", pag_weight=pag_weight, reduction="mean", num_targets=0,
+                                  semantics="shared", target_source=source, augment_padding=4, augment_fill=0.5,
+                                  targets_file="c10_sbg.pt" if source == "precomputed" else "")
+    c.optimizer = optimizer_block("sgd", momentum=0.9, nesterov=False, weight_decay=1e-4, decay_exclude=())
+    c.schedule = schedule_block("warmup_step", base_lr=0.01, warmup_epochs=0.0, boundaries=(50.0, 75.0, 100.0),
+                                factors=(0.1, 0.01, 0.001))
+    c.eval_attack = eval_attack_block()
+    trainer_fields(c, workdir=f"results/pag_cifar10_{arch}_{arg}")
+    c.steps_per_epoch = CIFAR10_TRAIN // 64
+    c.total_steps = 100 * c.steps_per_epoch
+    c.eval_every = c.steps_per_epoch
+    c.checkpoint_every = c.steps_per_epoch
+    c.log_every = 50
+    c.seed = 3407
+    if warm_epochs:
+        c.objective.warm_steps = warm_epochs * c.steps_per_epoch
+        c.objective.warm_weight = warm_weight
+    if arg == "runlocal":
+        c.arrays.source = "synthetic"
+        c.arrays.limit = 64
+        c.arrays.eval_limit = 16
+        c.data.batch_size = 8
+        c.steps_per_epoch = 4
+        c.total_steps = 2
+        c.eval_every = 0
+        c.checkpoint_every = 2
+        c.log_every = 1
+        c.eval_attack.steps = 2
+        if warm_epochs:
+            c.objective.warm_steps = 1
+    elif arg not in PAG_SOURCES:
+        raise ValueError(f"unknown variant {arg!r}: use nn, oi, cm, sbg or runlocal")
+    return c
