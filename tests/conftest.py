@@ -8,6 +8,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+try:  # the PyTorch references run tiny ops, where one thread is much faster than several
+    import torch  # noqa: E402
+
+    torch.set_num_threads(1)
+except ImportError:
+    pass
+
 from advalign_jax.data import records, synthetic, writer  # noqa: E402
 
 

@@ -17,8 +17,8 @@ from advalign_jax.config import split_overrides
 from advalign_jax.errors import AdvalignError
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("advalign_jax.cli.evaluate_cmd", "advalign_jax.cli.train_cmd", "advalign_jax.cli.targets_cmd",
-            "advalign_jax.cli.data_cmd", "advalign_jax.cli.convert_cmd")
+COMMANDS = ("advalign_jax.cli.evaluate_cmd", "advalign_jax.cli.robust_cmd", "advalign_jax.cli.train_cmd",
+            "advalign_jax.cli.targets_cmd", "advalign_jax.cli.data_cmd", "advalign_jax.cli.convert_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -389,38 +389,16 @@ def eval_attack_config(c):
 
 def array_robust_accuracy(config, model, variables, mesh, batch_size: int = 256) -> dict:
     """Clean and robust accuracy on the test split of ``config.arrays`` under ``config.eval_attack``
-    (targeted attacks aim at class ``(y + 1) mod C``: the other class of a binary task)."""
-    from advalign_jax.attacks.pgd import pgd  # pylint: disable=import-outside-toplevel
+    (:func:`advalign_jax.evaluation.robustness.epoch_metrics`; a targeted attack aims at class
+    ``(y + 1) mod C``, the other class of a binary task; robust means correct clean and attacked)."""
     from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+    from advalign_jax.evaluation.robustness import PGDAttack, epoch_metrics  # pylint: disable=import-outside-toplevel
 
     a = config.arrays
     x, y = load_arrays(a.source, a.test_split, a.data_dir or None, a.eval_limit if a.eval_limit > 0 else None)
     attack, eps = eval_attack_config(config)
-    num_classes = model.num_classes
-    n_dev = parallel.data_parallel_size(mesh)
-    batch_size = max(n_dev, batch_size // n_dev * n_dev)
-
-    @jax.jit
-    def run(variables, xb, yb, key):
-        f = model.logits_fn(variables)
-        clean = jnp.argmax(f(xb), -1) == yb
-        target = (yb + 1) % num_classes if attack.targeted else yb
-        x_adv, _ = pgd(f, xb, target, eps, attack, key=key)
-        robust = jnp.argmax(f(x_adv), -1) == yb
-        return clean, robust
-
-    clean_hits = robust_hits = 0
-    key = jax.random.PRNGKey(int(config.seed) + 7)
-    for start in range(0, len(x), batch_size):
-        n = min(batch_size, len(x) - start)
-        xb = np.zeros((batch_size,) + x.shape[1:], np.float32)
-        yb = np.zeros((batch_size,), np.int32)
-        xb[:n], yb[:n] = x[start:start + n], y[start:start + n]
-        g = parallel.shard_batch({"x": xb, "y": yb}, mesh)
-        clean, robust = parallel.to_host(run(variables, g["x"], g["y"], jax.random.fold_in(key, start)))
-        clean_hits += int(np.sum(clean[:n]))
-        robust_hits += int(np.sum(robust[:n]))
-    return {"eval_accuracy": clean_hits / len(x), "eval_robust_accuracy": robust_hits / len(x)}
+    attacks = [PGDAttack("eval", eps, attack, target=config.eval_attack.target)]
+    return epoch_metrics(model.apply, variables, x, y, attacks, mesh=mesh, batch_size=batch_size, key=jax.random.PRNGKey(int(config.seed) + 7))
 
 
 def _save(manager, workdir, step, state, meta, train_input) -> None:
