@@ -9,7 +9,11 @@ from nbclient import NotebookClient
 NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
 
 
-@pytest.mark.parametrize("name,env", [("adversarial_alignment.ipynb", {"NOTEBOOK_NUM_IMAGES": "2"})])
+@pytest.mark.parametrize("name,env", [("adversarial_alignment.ipynb", {"NOTEBOOK_NUM_IMAGES": "2"}),
+                                      ("pag_toy2d.ipynb", {"NOTEBOOK_EPOCHS": "3"}),
+                                      ("harmonization_demo.ipynb", {"NOTEBOOK_TRAIN_STEPS": "2",
+                                                                    "NOTEBOOK_IMAGE_SIZE": "64",
+                                                                    "NOTEBOOK_NUM_IMAGES": "8"})])
 def test_notebook_runs(name, env, monkeypatch):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
