@@ -13,8 +13,12 @@ so about 50-55% / 16-24% at this recipe's 1.5; heuristic targets (nn, oi, cm) gi
 ``metrics.csv`` is the official per-epoch PGD check; ``advalign-jax evaluate-robust`` gives AutoAttack's
 white-box part. About 100 epochs x 781 steps; a GPU run, not a CPU one.
 
-Variants (``:ARG``): nn (default), oi, cm, sbg (precomputed targets), runlocal (a few CPU steps on 32-px
-synthetic images; tests run it).
+Variants (``:ARG``):
+  nn          the default: Nearest-Neighbour targets among all training images of the class.
+  oi          One-Image targets.
+  cm          Class-Mean targets (automatic scale).
+  sbg         precomputed targets (the official score-based ones): objective.targets_file.
+  runlocal    a few CPU steps on 32-px synthetic images (the wiring only; tests run it).
 """
 
 from advalign_jax.training.recipes import pag_cifar10_recipe

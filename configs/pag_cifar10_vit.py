@@ -12,8 +12,12 @@ Expected result: a clearly non-zero AutoAttack L2 robust accuracy with score-bas
 vanilla ViT has none (the paper's ViT table has the exact numbers; this project has not trained it).
 ``eval_robust_accuracy`` in ``metrics.csv`` is the official per-epoch PGD check. A GPU run.
 
-Variants (``:ARG``): nn (default), oi, cm, sbg (precomputed targets), runlocal (a few CPU steps on 32-px
-synthetic images; tests run it).
+Variants (``:ARG``):
+  nn          the default: Nearest-Neighbour targets among all training images of the class.
+  oi          One-Image targets.
+  cm          Class-Mean targets (automatic scale).
+  sbg         precomputed targets (the official score-based ones): objective.targets_file.
+  runlocal    a few CPU steps on 32-px synthetic images (the wiring only; tests run it).
 """
 
 from advalign_jax.training.recipes import pag_cifar10_recipe

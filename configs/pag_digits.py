@@ -17,8 +17,12 @@ Model: the small BatchNorm CNN (2x2 patch stem, widths 32-64-128), no input norm
 40 epochs of batch 64. PAG: CE + 15 x (1 - mean cos) over all 10 classes (the official weighting), targets
 r(y_t) - x.
 
-Variants (``:ARG``): vanilla, oi, cm, nn (as above); runlocal: the NN variant for a few steps on 200
-images (tests).
+Variants (``:ARG``):
+  vanilla     cross-entropy only.
+  oi          PAG with One-Image targets.
+  cm          PAG with Class-Mean targets (automatic scale).
+  nn          PAG with Nearest-Neighbour targets (the nearest other training image of each class).
+  runlocal    the nn variant for a few steps on 200 images (tests).
 """
 
 import ml_collections
