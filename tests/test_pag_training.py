@@ -60,6 +60,13 @@ def test_pag_one_and_eight_devices_agree(tmp_path):
         np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("source", ["one_image", "class_mean"])
+def test_representative_targets_train(tmp_path, source):
+    config = _digits(tmp_path, source, f"objective.target_source={source}", "total_steps=2")
+    result = train(config, **QUIET)
+    assert np.isfinite(result["loss"]) and 0 <= result["eval_robust_accuracy"] <= result["eval_accuracy"]
+
+
 @pytest.mark.parametrize("shards", [0, 3])
 def test_precomputed_targets_from_the_targets_command(tmp_path, shards, capsys):
     out = str(tmp_path / ("t.npz" if not shards else "t"))

@@ -53,7 +53,8 @@ def prepare(config, train_input) -> dict:
     images, labels = train_input.images, train_input.labels
     num_classes = int(config.model.options.num_classes)
     if cfg.target_source == "one_image":
-        return {"representatives": T.one_image_representatives(images, labels, num_classes, seed=int(config.seed))}
+        reps, _ = T.one_image_representatives(images, labels, num_classes, seed=int(config.seed))
+        return {"representatives": reps}
     if cfg.target_source == "class_mean":
         scale = "auto" if not cfg.class_mean_scale else float(cfg.class_mean_scale)
         return {"representatives": T.class_mean_representatives(images, labels, num_classes, scale=scale)}
