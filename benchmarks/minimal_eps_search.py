@@ -71,7 +71,7 @@ def torch_copy(name, model, variables):
     if name == "resnet18":
         import torch_resnet  # tests/torch_resnet.py  pylint: disable=import-outside-toplevel
 
-        net = torch_resnet.resnet18(num_classes=model.num_classes).eval()
+        net = torch_resnet.resnet("resnet18", num_classes=model.num_classes)
         from advalign_jax.models import importers  # pylint: disable=import-outside-toplevel
         from advalign_jax.models.convert import import_weights  # pylint: disable=import-outside-toplevel
 
@@ -82,16 +82,18 @@ def torch_copy(name, model, variables):
         del importers
         mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-        return torch.nn.Sequential(_Lambda(lambda x: (x - mean) / std), net).eval()
+        return torch.nn.Sequential(_Normalize(mean, std), net).eval()
     return None
 
 
-class _Lambda:
-    def __init__(self, fn):
-        self.fn = fn
+def _Normalize(mean, std):  # noqa: N802
+    import torch  # pylint: disable=import-outside-toplevel
 
-    def __call__(self, x):
-        return self.fn(x)
+    class Normalize(torch.nn.Module):
+        def forward(self, x):
+            return (x - mean) / std
+
+    return Normalize()
 
 
 def _torch_small_cnn(model, variables):
