@@ -67,7 +67,7 @@ def keras_rates(name, batch, size, repeats):
     tf = import_tf()
     import keras  # pylint: disable=import-outside-toplevel
 
-    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
+    model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3), classifier_activation=None)
     x = tf.constant(np.random.default_rng(0).uniform(0, 255, size=(batch, size, size, 3)).astype(np.float32))
     y = tf.zeros((batch,), tf.int32)
     fwd = tf.function(lambda: model(x, training=False), jit_compile=False)
