@@ -8,14 +8,15 @@ Commands (about a minute each on a 2-core CPU)::
     advalign-jax train --config configs/pag_digits.py:cm
     advalign-jax train --config configs/pag_digits.py:nn
 
-Expected result: every variant reaches high clean accuracy on the 360 held-out digits
-(``eval_accuracy``); the PAG variants keep far more of them under untargeted L2 PGD of radius 1.0
-(``eval_robust_accuracy``, 20 steps of 2.5 x eps / 20, no random start, pixels clipped to [0, 1]) than the
-vanilla model. docs/pag.md has the measured table.
+Expected result (measured, one seed): on the 360 held-out digits the vanilla model reaches 99.4% clean
+and 0.3% ``eval_robust_accuracy`` (untargeted L2 PGD of radius 1.0, 20 steps of 2.5 x eps / 20, no
+random start, pixels clipped to [0, 1]); the PAG models 93-97% clean and 71-74% robust (oi 97.2 / 74.2,
+cm 92.8 / 71.4, nn 96.9 / 71.4). docs/pag.md has the table, with APGD.
 
 Model: the small BatchNorm CNN (2x2 patch stem, widths 32-64-128), no input normalisation; Adam lr 1e-3,
-40 epochs of batch 64. PAG: CE + 15 x (1 - mean cos) over all 10 classes (the official weighting), targets
-r(y_t) - x.
+40 epochs of batch 64. PAG: CE + 3 x (1 - mean cos) over all 10 classes, targets r(y_t) - x. (The
+official CIFAR weight, 15, is too strong for this small budget: clean accuracy falls to 20-72%;
+docs/pag.md has both tables.)
 
 Variants (``:ARG``):
   vanilla     cross-entropy only.
@@ -50,7 +51,7 @@ def get_config(arg: str = "nn"):
     c.log_every = 50
     c.checkpoint_every = 300
     if arg in SOURCES:
-        c.objective = objective_block("pag", pag_weight=15.0, reduction="mean", target_source=SOURCES[arg])
+        c.objective = objective_block("pag", pag_weight=3.0, reduction="mean", target_source=SOURCES[arg])
     elif arg != "vanilla":
         raise ValueError(f"unknown variant {arg!r}: use vanilla, oi, cm, nn or runlocal")
     if arg == "runlocal":
