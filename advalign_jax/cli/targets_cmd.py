@@ -112,7 +112,7 @@ def run_targets(args: argparse.Namespace) -> int:
                 continue
             idx = np.arange(s, len(images), args.shards)
             if args.method == "nearest_neighbour":
-                targets = _nn_for(images, idx, bank)
+                targets, _ = T.nearest_neighbour_targets_dataset(images, labels, num_classes, indices=idx, bank=bank)
             else:
                 targets = np.asarray(T.representative_targets(images[idx], reps), np.float32)
             tmp_dir = os.path.join(args.out, f".shard-{s}")
@@ -123,22 +123,3 @@ def run_targets(args: argparse.Namespace) -> int:
                       "method": args.method}, indent=1))
     return 0
 
-
-def _nn_for(images, idx, bank_and_ids, query_batch: int = 256):
-    """NN targets of ``images[idx]`` against the full sample set (fixed-size query batches)."""
-    import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
-
-    bank, ids = jnp.asarray(bank_and_ids[0]), jnp.asarray(bank_and_ids[1])
-    out = []
-    for start in range(0, len(idx), query_batch):
-        part = idx[start:start + query_batch]
-        q = np.zeros((query_batch,) + images.shape[1:], np.float32)
-        q[:len(part)] = images[part]
-        qid = np.full(query_batch, -2, np.int32)
-        qid[:len(part)] = part
-        t, _, _ = T.nearest_neighbour(jnp.asarray(q), jnp.asarray(qid), bank, ids)
-        out.append(np.asarray(t)[:len(part)])
-    return np.concatenate(out)

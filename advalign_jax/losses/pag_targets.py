@@ -186,22 +186,25 @@ def nearest_neighbour(x, x_ids, bank, bank_ids, chunk_size: int = 256):
 
 def nearest_neighbour_targets_dataset(images, labels, num_classes: int, sample_size: Optional[int] = None,
                                       seed: int = 0, chunk_size: int = 256, query_batch: int = 256,
-                                      progress: Callable = lambda it: it):
+                                      progress: Callable = lambda it: it, indices=None, bank=None):
     """NN targets for every image of a dataset (each image excluded from its own class's sample set),
-    computed in query batches of fixed size (one compilation). Returns ``(targets (N, C, ...) float32,
-    neighbour ids (N, C) int32)`` as NumPy arrays."""
+    or for ``images[indices]`` only, computed in query batches of fixed size (one compilation).
+    ``bank``: a ready :func:`nearest_neighbour_bank` of the whole dataset (default: built here).
+    Returns ``(targets (M, C, ...) float32, neighbour ids (M, C) int32)`` as NumPy arrays."""
     images = np.asarray(images, np.float32)
-    bank, bank_ids = nearest_neighbour_bank(images, labels, num_classes, sample_size, seed)
-    bank, bank_ids = jnp.asarray(bank), jnp.asarray(bank_ids)
-    n = len(images)
+    if bank is None:
+        bank = nearest_neighbour_bank(images, labels, num_classes, sample_size, seed)
+    bank, bank_ids = jnp.asarray(bank[0]), jnp.asarray(bank[1])
+    query_ids = np.arange(len(images)) if indices is None else np.asarray(indices)
+    n = len(query_ids)
     out = np.zeros((n, num_classes) + images.shape[1:], np.float32)
     out_ids = np.zeros((n, num_classes), np.int32)
     for start in progress(range(0, n, query_batch)):
         stop = min(start + query_batch, n)
         q = np.zeros((query_batch,) + images.shape[1:], np.float32)
-        q[:stop - start] = images[start:stop]
+        q[:stop - start] = images[query_ids[start:stop]]
         qid = np.full(query_batch, -2, np.int32)
-        qid[:stop - start] = np.arange(start, stop)
+        qid[:stop - start] = query_ids[start:stop]
         t, ids, _ = nearest_neighbour(jnp.asarray(q), jnp.asarray(qid), bank, bank_ids, chunk_size=chunk_size)
         out[start:stop] = np.asarray(t)[:stop - start]
         out_ids[start:stop] = np.asarray(ids)[:stop - start]
