@@ -27,8 +27,8 @@ def test_toy2d_pag_keeps_its_points_where_vanilla_loses_them(tmp_path):
     the PAG model's (the reference: 35/600 vs 583/600; docs/pag.md has seeds 0-3)."""
     results = {}
     for variant in ("vanilla", "pag"):
-        # One device, as the reference ran it (8 simulated CPU devices on 2 cores can starve XLA's
-        # collective rendezvous over 4700 steps; test_pag_one_and_eight_devices_agree covers sharding).
+        # One device, as the reference ran it (faster here; test_pag_one_and_eight_devices_agree and the
+        # notebook test cover sharding).
         config = load_config(f"configs/pag_toy2d.py:{variant}", [f"workdir={tmp_path / variant}", "seed=1",
                                                                  "num_devices=1"])
         results[variant] = train(config, **QUIET)

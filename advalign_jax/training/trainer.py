@@ -195,6 +195,10 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
 
     # ---- mesh ---------------------------------------------------------------------------------------
     mesh = parallel.make_mesh(devices=jax.devices()[:config.num_devices] if config.num_devices else None)
+    # Several CPU devices share one thread pool: with steps dispatched ahead, a device can wait in a
+    # step's all-reduce while the threads it needs run the next step's programs (XLA:CPU then aborts
+    # after 40 s). One step in flight on CPU avoids it; accelerators keep asynchronous dispatch.
+    one_step_in_flight = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     global_batch = int(config.data.batch_size)
     try:
         parallel.check_batch_size(global_batch, mesh, key="data.batch_size")
@@ -321,6 +325,8 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
         batch = next(train_input)
         global_batch_arrays = parallel.shard_batch(batch, mesh)
         state, metrics = update_step(state, global_batch_arrays, context)
+        if one_step_in_flight:
+            jax.block_until_ready(metrics)
         pending.append(metrics)
         step += 1
         ran += 1
