@@ -20,7 +20,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +27,8 @@ import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 
 from advalign_jax.models import get_model  # noqa: E402
 from advalign_jax.models.convert import convert  # noqa: E402
@@ -39,15 +40,6 @@ from advalign_jax.training.objectives import harmonizer  # noqa: E402
 KERAS = {"resnet50v2": "ResNet50V2", "vgg16": "VGG16", "efficientnet_b0": "EfficientNetB0",
          "convnext_tiny": "ConvNeXtTiny"}
 
-
-def timed(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def cfg():
@@ -94,8 +86,8 @@ def main():
     params = variables["params"]
     ce_step = step_fn(ce_objective, model)
     h_step = step_fn(harmonizer, model)
-    rows["ours: CE step"] = timed(lambda: jax.block_until_ready(ce_step(params)), args.repeats)
-    rows["ours: harmonizer step"] = timed(lambda: jax.block_until_ready(h_step(params)), args.repeats)
+    rows["ours: CE step"] = best_time(lambda: jax.block_until_ready(ce_step(params)), args.repeats)
+    rows["ours: harmonizer step"] = best_time(lambda: jax.block_until_ready(h_step(params)), args.repeats)
 
     memory = {}
     for remat in (False, True):
@@ -129,8 +121,8 @@ def main():
             loss = tf.reduce_mean(ref_loss.Cross_entropy(onehot, logits))
         return tape.gradient(loss, km.trainable_variables)
 
-    rows["reference (TF): CE step"] = timed(lambda: [g.numpy() for g in ref_ce()], args.repeats)
-    rows["reference (TF): harmonizer_loss step"] = timed(lambda: [g.numpy() for g in ref_step()], args.repeats)
+    rows["reference (TF): CE step"] = best_time(lambda: [g.numpy() for g in ref_ce()], args.repeats)
+    rows["reference (TF): harmonizer_loss step"] = best_time(lambda: [g.numpy() for g in ref_step()], args.repeats)
 
     print(f"{args.arch}, batch {args.batch}, {args.size} px, float32, best of {args.repeats}, "
           f"{os.cpu_count()} CPU cores")

@@ -72,14 +72,12 @@ def torch_copy(name, model, variables):
         import torch_resnet  # tests/torch_resnet.py  pylint: disable=import-outside-toplevel
 
         net = torch_resnet.resnet("resnet18", num_classes=model.num_classes)
-        from advalign_jax.models import importers  # pylint: disable=import-outside-toplevel
         from advalign_jax.models.convert import import_weights  # pylint: disable=import-outside-toplevel
 
         state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
         _, imported = import_weights(state, "torch", "resnet18", num_classes=model.num_classes)
         variables.clear()
         variables.update(imported)
-        del importers
         mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
         return torch.nn.Sequential(_Normalize(mean, std), net).eval()

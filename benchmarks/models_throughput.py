@@ -13,13 +13,13 @@ images/s (best of ``repeats`` after a warm-up call) and the ratio ours / Keras.
 import argparse
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from advalign_jax.models import get_model
+from timing import best_time  # benchmarks/timing.py
 
 # ours -> keras.applications constructor (None: no Keras equivalent)
 ARCHS = {
@@ -34,20 +34,13 @@ ARCHS = {
 
 
 def best_rate(fn, batch, repeats):
-    fn()  # warm-up (compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return batch / best
+    return batch / best_time(fn, repeats)
 
 
 def ours(arch, batch, size, repeats, dtype):
     model = get_model(arch, dtype=dtype)
     variables = model.init(jax.random.PRNGKey(0))
     x = jnp.asarray(np.random.default_rng(0).uniform(size=(batch, size, size, 3)).astype(np.float32))
-    y = jnp.zeros((batch,), jnp.int32)
     fwd = jax.jit(model.apply)
 
     def loss(params, state):

@@ -24,7 +24,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -32,19 +31,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
+from timing import best_time  # noqa: E402  (benchmarks/timing.py)
+
 from advalign_jax.losses import pag as P  # noqa: E402
 from advalign_jax.models.checkpoint import load_model  # noqa: E402
 from advalign_jax.models.convert import convert  # noqa: E402
 
-
-def timed(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main():
@@ -101,9 +93,9 @@ def main():
     plain = jax.jit(jax.grad(ce))
     shared = pag_step("shared", k, classes)
     replicated = pag_step("replicated", k, classes)
-    rows["ours: plain step"] = timed(lambda: jax.block_until_ready(plain(params)), args.repeats)
-    rows[f"ours: PAG step, shared (K={k})"] = timed(lambda: jax.block_until_ready(shared(params)), args.repeats)
-    rows[f"ours: PAG step, replicated (K={k})"] = timed(lambda: jax.block_until_ready(replicated(params)),
+    rows["ours: plain step"] = best_time(lambda: jax.block_until_ready(plain(params)), args.repeats)
+    rows[f"ours: PAG step, shared (K={k})"] = best_time(lambda: jax.block_until_ready(shared(params)), args.repeats)
+    rows[f"ours: PAG step, replicated (K={k})"] = best_time(lambda: jax.block_until_ready(replicated(params)),
                                                         args.repeats)
 
     tx = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -120,8 +112,8 @@ def main():
         loss, _ = ref.official_pag_loss(Logits(net), tx, tt, ty, tc, 1.5)
         loss.backward()
 
-    rows["reference (PyTorch): plain step"] = timed(torch_plain, args.repeats)
-    rows[f"reference (PyTorch): official PAG step (K={k})"] = timed(torch_pag, args.repeats)
+    rows["reference (PyTorch): plain step"] = best_time(torch_plain, args.repeats)
+    rows[f"reference (PyTorch): official PAG step (K={k})"] = best_time(torch_pag, args.repeats)
 
     memory = {}
     for kk in sorted({1, 2, 5, k}):

@@ -21,7 +21,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -113,7 +112,7 @@ def main():
 
     print(f"records/s at batch {BATCH}, {args.records} records, best of {args.repeats}, "
           f"{os.cpu_count()} CPU cores")
-    print(f"| encoding | ours | reference | ours / reference | decode only (ceiling) | reference formulation |")
+    print("| encoding | ours | reference | ours / reference | decode only (ceiling) | reference formulation |")
     print("|---|---|---|---|---|---|")
     for encoding, r_ours, r_ref, name, r_dec in rows:
         print(f"| {encoding} | {r_ours:.0f} | {r_ref:.0f} | {r_ours / r_ref:.2f} | {r_dec:.0f} | {name} |")
