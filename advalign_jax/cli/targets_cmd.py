@@ -74,13 +74,13 @@ def run_targets(args: argparse.Namespace) -> int:
     from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
     from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
 
+    if args.shards <= 0 and os.path.splitext(args.out)[1] not in (".npz", ".npy"):
+        raise ConfigError(f"--out {args.out}: name a .npz or .npy file, or pass --shards N for TFRecords")
     images, labels = load_arrays(args.source, args.split, args.data_dir, args.limit)
     num_classes = args.num_classes or int(np.max(labels)) + 1
     progress = (lambda it: it) if args.no_progress else (lambda it: tqdm(it, desc="targets", unit="batch"))
     kw = dict(seed=args.seed, nn_sample_size=args.nn_sample_size, class_mean_scale=args.class_mean_scale)
     if args.shards <= 0:
-        if os.path.splitext(args.out)[1] not in (".npz", ".npy"):
-            raise ConfigError(f"--out {args.out}: name a .npz or .npy file, or pass --shards N for TFRecords")
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         targets = compute_targets(args.method, images, labels, num_classes, progress=progress, **kw)
         T.save_targets(args.out, images, targets, labels)

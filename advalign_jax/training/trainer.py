@@ -19,6 +19,7 @@ input pipeline, model and optimizer, shapes and shardings, update step, checkpoi
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -393,15 +394,22 @@ def eval_attack_config(c):
     return cfg, float(a.eps)
 
 
+@functools.lru_cache(maxsize=2)
+def _held_out_arrays(source, split, data_dir, limit):
+    """The evaluation split, read once per run rather than at every evaluation."""
+    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+
+    return load_arrays(source, split, data_dir, limit)
+
+
 def array_robust_accuracy(config, model, variables, mesh, batch_size: int = 256) -> dict:
     """Clean and robust accuracy on the test split of ``config.arrays`` under ``config.eval_attack``
     (:func:`advalign_jax.evaluation.robustness.epoch_metrics`; a targeted attack aims at class
     ``(y + 1) mod C``, the other class of a binary task; robust means correct clean and attacked)."""
-    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
     from advalign_jax.evaluation.robustness import PGDAttack, epoch_metrics  # pylint: disable=import-outside-toplevel
 
     a = config.arrays
-    x, y = load_arrays(a.source, a.test_split, a.data_dir or None, a.eval_limit if a.eval_limit > 0 else None)
+    x, y = _held_out_arrays(a.source, a.test_split, a.data_dir or None, a.eval_limit if a.eval_limit > 0 else None)
     attack, eps = eval_attack_config(config)
     attacks = [PGDAttack("eval", eps, attack, target=config.eval_attack.target)]
     return epoch_metrics(model.apply, variables, x, y, attacks, mesh=mesh, batch_size=batch_size, key=jax.random.PRNGKey(int(config.seed) + 7))
