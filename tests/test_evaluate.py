@@ -10,6 +10,7 @@ from advalign_jax.cli.main import main
 from advalign_jax.config import load_config
 from advalign_jax.evaluation import adversarial_alignment as aa
 from advalign_jax.models import get_model, save_model
+from interrupts import interrupt_on_call
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +51,7 @@ def test_resume_after_an_interruption(checkpoint, tmp_path, monkeypatch):
     one = ("num_devices=1",)  # batches of 4: two batches for 8 images
     aa.evaluate(_config(checkpoint, tmp_path / "straight", *one), progress=False)
     real = aa.make_batch_fn
-
-    def interrupting(*args, **kwargs):
-        fn = real(*args, **kwargs)
-        calls = {"n": 0}
-
-        def wrapped(*a):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-            return fn(*a)
-        return wrapped
-
-    monkeypatch.setattr(aa, "make_batch_fn", interrupting)
+    monkeypatch.setattr(aa, "make_batch_fn", interrupt_on_call(real))
     with pytest.raises(KeyboardInterrupt):
         aa.evaluate(_config(checkpoint, tmp_path / "resumed", *one), progress=False)
     assert len(_read(tmp_path / "resumed" / "per_image" / "cnn.csv")) == 4  # the first batch was kept

@@ -18,6 +18,7 @@ from advalign_jax.cli.main import main
 from advalign_jax.config import load_config
 from advalign_jax.errors import ConfigError, DataError
 from advalign_jax.evaluation import robustness as R
+from interrupts import interrupt_on_call
 
 H, W, C, K = 4, 4, 3, 10
 N = 19
@@ -277,19 +278,7 @@ def test_cli_writes_results_and_resumes(digits_checkpoint, tmp_path, capsys, mon
 
     # interrupted during its second batch of 16, then resumed with another batch size
     real = R.make_batch_fn
-
-    def interrupting(*args, **kwargs):
-        fn = real(*args, **kwargs)
-        calls = {"n": 0}
-
-        def wrapped(*a):
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt
-            return fn(*a)
-        return wrapped
-
-    monkeypatch.setattr(R, "make_batch_fn", interrupting)
+    monkeypatch.setattr(R, "make_batch_fn", interrupt_on_call(real))
     assert _cli(digits_checkpoint, tmp_path / "resumed", "--config.batch_size=16") == 130
     assert len(_read(tmp_path / "resumed" / "per_example.csv")) == 16  # the first batch was kept
     with open(tmp_path / "resumed" / "per_example.csv", "a") as f:
