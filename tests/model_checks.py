@@ -46,10 +46,12 @@ def tf_true_class_grad(fn, x, labels):
 
 
 def torch_true_class_grad(fn, x_nhwc, labels):
-    """The same for a PyTorch function ``fn`` of the NCHW [0, 1] input; returns NHWC gradient and logits."""
+    """The same for a PyTorch function ``fn`` of the NCHW [0, 1] input; returns NHWC gradient and logits
+    (float64 for a float64 input, else float32)."""
     import torch
 
-    x = torch.tensor(np.transpose(np.asarray(x_nhwc, np.float32), (0, 3, 1, 2)), requires_grad=True)
+    dtype = np.float64 if np.asarray(x_nhwc).dtype == np.float64 else np.float32
+    x = torch.tensor(np.transpose(np.asarray(x_nhwc, dtype), (0, 3, 1, 2)), requires_grad=True)
     logits = fn(x)
     picked = logits[torch.arange(len(labels)), torch.as_tensor(np.asarray(labels))].sum()
     (grad,) = torch.autograd.grad(picked, x)

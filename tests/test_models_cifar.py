@@ -223,7 +223,7 @@ def test_resnet_training_mode_matches_torch(converted):
     labels = np.array([0, 7, 2, 5])
     trained = copy.deepcopy(net).train()
     ref_logits, _ = torch_forward(trained, x)  # updates trained's running statistics (momentum 0.1)
-    logits, stats, grad = train_logits_state_grad(model.module, variables, x, labels)
+    logits, stats, _ = train_logits_state_grad(model.module, variables, x, labels)
     assert_close(logits, ref_logits, what="train-mode logits")
     # Running statistics: PyTorch's momentum 0.1 (flax convention 0.9) and unbiased running variance.
     _, expected = import_weights(state_arrays(trained), "torch", arch)
@@ -232,15 +232,22 @@ def test_resnet_training_mode_matches_torch(converted):
                                          jax.tree.leaves(variables["batch_stats"])):
         assert not np.allclose(theirs, old)  # the statistics did move
         assert_close(ours, theirs, what=f"running statistic {jax.tree_util.keystr(path)}")
-    # The input-gradient in training mode (batch statistics in the graph, as in PAG's double backprop).
-    # Reference in float64. In training mode one ReLU whose pre-activation is within float32 rounding of
-    # zero changes the batch statistics' backward for every pixel, so two float32 implementations can
-    # differ by 1e-2 where the function itself is that non-smooth (measured: at batch 2 the float64
-    # gradient moves by 4e-3 for an input change of 1e-7). At this batch and seed the float64 gradient
-    # is locally stable; ours agrees with it to ~3e-6, PyTorch's own float32 run only to ~6e-3.
+    # The input-gradient in training mode (batch statistics in the graph, as in PAG's double backprop),
+    # compared in float64 on both sides. In training mode one ReLU whose pre-activation lies within
+    # float32 rounding of zero changes the batch statistics' backward for every pixel, so two float32
+    # implementations (or one on two CPUs) can differ by 1e-2 where the function itself is that
+    # non-smooth; in float64 such a tie is out of reach and both sides compute the same function.
     double = copy.deepcopy(net).train().double()
-    ref_grad, _ = torch_true_class_grad(lambda t: double((t.double() - 0.5) / 0.5)[0], x, labels)
-    assert_close(grad, ref_grad, what="train-mode input-gradient")
+    ref_grad, ref_logits64 = torch_true_class_grad(lambda t: double((t - 0.5) / 0.5)[0], x.astype(np.float64),
+                                                   labels)
+    with jax.enable_x64(True):
+        model64, _ = load_model(paths["pth"], dtype="float64")
+        variables64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), variables)
+        logits64, _, grad64 = train_logits_state_grad(model64.module, variables64, x.astype(np.float64), labels)
+        assert grad64.dtype == jnp.float64
+        logits64, grad64 = np.asarray(logits64), np.asarray(grad64)
+    assert_close(logits64, ref_logits64, tol=1e-10, what="train-mode logits, float64")
+    assert_close(grad64, ref_grad, tol=1e-8, what="train-mode input-gradient, float64")
 
 
 def test_a_resnet_checkpoint_is_not_a_vit(converted, tmp_path, capsys):

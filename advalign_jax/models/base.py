@@ -48,9 +48,10 @@ class InputNorm:
     def __call__(self, x):
         if self.bgr:
             x = x[..., ::-1]
-        mean = jnp.asarray(self.mean, jnp.float32)
-        std = jnp.asarray(self.std, jnp.float32)
-        return (x.astype(jnp.float32) * self.scale - mean) / std
+        dtype = stat_dtype(x)
+        mean = jnp.asarray(self.mean, dtype)
+        std = jnp.asarray(self.std, dtype)
+        return (x.astype(dtype) * self.scale - mean) / std
 
     def to_dict(self) -> dict:
         return {"mean": list(self.mean), "std": list(self.std), "scale": self.scale, "bgr": self.bgr}
@@ -183,11 +184,22 @@ def _flatten(tree, prefix=()):
 
 
 def compute_dtype(name) -> Any:
-    """'float32' / 'bfloat16' (or a dtype) -> the jnp dtype used for activations."""
+    """'float32' / 'bfloat16' / 'float16' (or a dtype) -> the jnp dtype used for activations.
+
+    'float64' is accepted for verification against float64 references (it needs ``jax_enable_x64``,
+    e.g. ``with jax.enable_x64(True):``, and float64 variables); normalisation and statistics then run
+    in float64 too (:func:`stat_dtype`).
+    """
     dtype = jnp.dtype(name)
-    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        raise ValueError(f"compute dtype must be float32, bfloat16 or float16, got {name}")
+    if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
+                     jnp.dtype(jnp.float64)):
+        raise ValueError(f"compute dtype must be float32, bfloat16, float16 or float64, got {name}")
     return dtype
+
+
+def stat_dtype(x) -> Any:
+    """The dtype of normalisations and statistics: float32, or float64 for a float64 input."""
+    return jnp.promote_types(x.dtype, jnp.float32)
 
 
 def count_params(variables: Variables) -> int:

@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from advalign_jax.models import importers
-from advalign_jax.models.base import InputNorm, ModelDef, Normalize, compute_dtype, maybe_remat, torch_pad
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, compute_dtype, maybe_remat, stat_dtype,
+                                      torch_pad)
 
 # PyTorch's default initialisation of Conv2d/Linear weights: kaiming_uniform(a=sqrt(5)), i.e.
 # uniform(+-1/sqrt(fan_in)) = variance_scaling(1/3, fan_in, uniform).
@@ -70,7 +71,7 @@ class TorchBatchNorm(nn.Module):
     normalised with its mean and biased variance over all axes but the last; the running statistics
     become ``momentum * old + (1 - momentum) * batch`` with the **unbiased** batch variance
     (``n / (n - 1)``), as PyTorch does. ``momentum`` is flax's (0.9 = PyTorch's 0.1).
-    Statistics are computed in float32 whatever the compute dtype. ``axis_name`` averages the batch
+    Statistics are computed in float32 whatever the compute dtype (float64 for a float64 model). ``axis_name`` averages the batch
     statistics across a mapped axis (``pmap``/``shard_map``); under ``jit`` with sharded arrays the
     batch axis is already global. Variables are named like flax's BatchNorm (params ``scale``/``bias``,
     batch_stats ``mean``/``var``).
@@ -89,7 +90,7 @@ class TorchBatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((features,), jnp.float32))
-        xf = x.astype(jnp.float32)
+        xf = x.astype(stat_dtype(x))
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
         else:
@@ -165,7 +166,7 @@ class CifarResNet(nn.Module):
                 x = block(width, stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
                           name=f"layer{i + 1}_{j}")(x, train)
             self.sow("intermediates", f"layer{i + 1}_out", x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+        x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)
         return torch_dense(self.num_classes, x.shape[-1], dtype, "linear")(x)
 
 
