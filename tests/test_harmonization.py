@@ -228,3 +228,99 @@ def test_decay_mask_follows_the_reference_substrings():
               "LayerNorm_0": {"scale": np.ones(4)}, "class_token": np.ones(5), "embedding": {"kernel": np.ones(6)}}
     # Keras-2-style names: conv1_bn/gamma, LayerNorm_0/..., class_token and embedding are excluded.
     assert float(l2_term(params, REFERENCE_DECAY_EXCLUDE)) == pytest.approx(0.5 * 3 * 4.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Constant saliency maps (a dead network, a model whose input-gradient is flat): finite gradients
+# ----------------------------------------------------------------------------------------------------
+
+def test_standardize_cut_of_a_constant_map_has_a_finite_gradient():
+    """std = 0: the value is 0 (as the reference's), and the derivative is finite (TensorFlow's square
+    root passes a zero cotangent as zero; the naive 0 x inf would be NaN)."""
+    h = np.stack([np.zeros((6, 6)), np.full((6, 6), 2.5), np.arange(36.0).reshape(6, 6)]).astype(np.float32)
+    want = ref.load("training.loss").standardize_cut(tf.constant(h)).numpy()
+    np.testing.assert_allclose(np.asarray(H.standardize_cut(h)), want, rtol=1e-5, atol=1e-6)
+    weights = np.random.default_rng(0).normal(size=h.shape).astype(np.float32)
+    grad = jax.grad(lambda v: jnp.sum(H.standardize_cut(v) * weights))(jnp.asarray(h))
+    x = tf.constant(h)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        out = tf.reduce_sum(ref.load("training.loss").standardize_cut(x) * weights)
+    want_grad = tape.gradient(out, x).numpy()
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.isfinite(want_grad))
+    np.testing.assert_allclose(np.asarray(grad), want_grad, rtol=1e-4, atol=1e-6)
+
+
+class FlatNet(nn.Module):
+    """global average - dense(5): its input-gradient is the same at every pixel (a constant map)."""
+
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        return nn.Dense(5, name="head", dtype=self.dtype, param_dtype=self.dtype)(jnp.mean(x, axis=(1, 2)))
+
+
+def _keras_flat(seed):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((32, 32, 3))
+    out = keras.layers.Dense(5, name="head")(keras.layers.GlobalAveragePooling2D()(inp))
+    return keras.Model(inp, out)
+
+
+def _loss_grads(module, params, batch, cfg, dtype=jnp.float32):
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    batch = {k: (jnp.asarray(v, dtype) if k != "label" else v) for k, v in batch.items()}
+    model = Model(name="tiny", module=module, num_classes=5, input_shape=(32, 32, 3), options={})
+    (value, (_, metrics)), grads = jax.value_and_grad(harmonizer.loss, argnums=1, has_aux=True)(
+        model, params, {}, batch, None, cfg)
+    return value, metrics, grads
+
+
+@pytest.mark.parametrize("tokens", [[1, 1, 1, 1], [0, 1, 0, 1]])
+def test_constant_saliency_rows_give_the_reference_gradient(rng, tokens):
+    """Every saliency row constant (FlatNet): the whole parameter gradient finite and equal to the
+    package's, whatever the tokens."""
+    km = _keras_flat(4)
+    batch = _batch(rng, tokens)
+    get = {w.path: w.numpy() for w in km.weights}
+    params = {"head": {"kernel": get["head/kernel"], "bias": get["head/bias"]}}
+    value, _, grads = _loss_grads(FlatNet(), params, batch, _cfg())
+    assert np.isfinite(float(value))
+    flat = {f"head/{w}": np.asarray(grads["head"][w]) for w in ("kernel", "bias")}
+    want = _reference_grads(km, batch)
+    for name, g in flat.items():
+        assert np.all(np.isfinite(g)), name
+        assert np.all(np.isfinite(want[name])), name
+        assert _rel(g, want[name]) < 1e-5, (name, _rel(g, want[name]))
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.0])
+def test_a_dead_image_gives_the_reference_gradient(rng, lam):
+    """One image whose every ReLU is off (a zero image, negative first-layer biases): its saliency is
+    all zero. The parameter gradient stays finite and equals the package's (lambda 1), and equals
+    cross-entropy + weight decay alone at lambda 0."""
+    km = _keras_tiny(5, bn=False)
+    conv1 = km.get_layer("conv1")
+    conv1.bias.assign(-np.abs(conv1.bias.numpy()) - 0.2)
+    batch = _batch(rng, [1, 1, 0, 1])
+    batch["image"][1] = 0.0
+    params, _ = _flax_variables(km)
+    value, metrics, grads = _loss_grads(TinyNet(bn=False), params, batch, _cfg(lambda_harmonization=lam))
+    assert np.isfinite(float(value))
+    ours = _by_keras_name(grads)
+    for name, g in ours.items():
+        assert np.all(np.isfinite(np.asarray(g))), name
+    if lam:
+        with jax.enable_x64(True):
+            exact = _loss_grads(TinyNet(bn=False, dtype=jnp.float64), params, batch,
+                                _cfg(lambda_harmonization=lam), dtype=jnp.float64)[2]
+            exact = _by_keras_name(jax.tree.map(np.asarray, exact))
+        _assert_agreement(ours, _reference_grads(km, batch), exact)
+    else:
+        _, _, plain = _loss_grads(TinyNet(bn=False), params, {**batch, "token": np.zeros(4, np.float32)},
+                                  _cfg(lambda_harmonization=1.0))
+        for name, g in _by_keras_name(plain).items():
+            np.testing.assert_allclose(np.asarray(ours[name]), np.asarray(g), rtol=1e-6, atol=1e-9, err_msg=name)

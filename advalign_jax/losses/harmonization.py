@@ -8,7 +8,8 @@ For images x, labels y, human maps phi (N, H, W) and tokens t (N,):
 
 1. ``g = d f_y(x) / d x`` from the **same** training-mode forward pass that gives the logits (the
    true-class logit, signed), then the mean over RGB: (N, H, W)  (:func:`saliency_from_vjp`);
-2. ``z+(h) = relu((h - mean_hw h) / (std_hw h + 1e-5))`` (:func:`standardize_cut`, population std);
+2. ``z+(h) = relu((h - mean_hw h) / (std_hw h + 1e-5))`` (:func:`standardize_cut`, population std; a
+   constant map gives 0 with a finite derivative, :func:`safe_std`);
 3. ``s = z+(g)``, ``h = z+(phi)``; ``h <- h / (max_hw h + 1e-6) * stop_gradient(max_hw s + 1e-6)``
    (:func:`rescale_to_saliency`);
 4. Gaussian pyramid: 5x5 binomial kernel ``outer(b, b) / 256`` with ``b = [1, 4, 6, 4, 1]``, stride 2,
@@ -30,10 +31,20 @@ STD_EPS = 1e-5
 MAX_EPS = 1e-6
 
 
+def safe_std(h, axes, keepdims: bool = True):
+    """Population standard deviation ``sqrt(mean((h - mean h)^2))`` whose derivative is finite where
+    it is 0 (a constant map): there the square root's derivative (1 / (2 sqrt v) = inf) is replaced by
+    0, as TensorFlow's ``SqrtGrad`` yields 0 for the zero cotangent a constant map receives (its
+    standardised values are all 0, where ReLU passes nothing back). Elsewhere it is ``jnp.std``."""
+    var = jnp.var(h, axis=axes, keepdims=keepdims)
+    positive = var > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
 def standardize_cut(h, axes=(1, 2), epsilon: float = STD_EPS):
-    """``relu((h - mean) / (std + eps))`` over ``axes`` (population std), per map."""
+    """``relu((h - mean) / (std + eps))`` over ``axes`` (population std, :func:`safe_std`), per map."""
     mean = jnp.mean(h, axis=axes, keepdims=True)
-    std = jnp.std(h, axis=axes, keepdims=True)
+    std = safe_std(h, axes)
     return jax.nn.relu((h - mean) / (std + epsilon))
 
 

@@ -10,7 +10,7 @@ input pipeline, model and optimizer, shapes and shardings, update step, checkpoi
   parameters as an uninterrupted run (bitwise on the same device count): the per-step random key is
   ``fold_in(seed, step)``.
 - Metrics go to ``metrics.csv`` and TensorBoard (``tensorboard/``) every ``log_every`` steps; a
-  non-finite loss stops training with a message naming the step and the last good checkpoint, which
+  non-finite loss or parameter gradient stops training with a message naming the step and the last good checkpoint, which
   is kept.
 - At the end the model is written as a model directory (``workdir/model`` or ``export_to``) that every
   command loads by path.
@@ -305,12 +305,16 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
             return
         host = jax.device_get(pending)
         losses = np.array([float(m["loss"]) for m in host])
-        if not np.all(np.isfinite(losses)):
-            bad = step_now - len(host) + 1 + int(np.argmin(np.isfinite(losses)))
+        grad_norms = np.array([float(m["grad_norm"]) for m in host])
+        finite = np.isfinite(losses) & np.isfinite(grad_norms)
+        if not np.all(finite):
+            first = int(np.argmin(finite))
+            bad = step_now - len(host) + 1 + first
+            what = (f"the loss became {losses[first]}" if not np.isfinite(losses[first])
+                    else f"the gradient became non-finite (norm {grad_norms[first]}) with a finite loss")
             where = (f"the last good checkpoint is step {last_good} in {os.path.join(workdir, 'checkpoints')}"
                      if last_good is not None else "no checkpoint was written yet")
-            raise TrainingDiverged(f"the loss became {losses[~np.isfinite(losses)][0]} at step {bad}; {where}; "
-                                   "lower schedule.base_lr or check the data")
+            raise TrainingDiverged(f"{what} at step {bad}; {where}; lower schedule.base_lr or check the data")
         values = {k: float(np.mean([float(m[k]) for m in host])) for k in host[0]}
         now = time.perf_counter()
         values["step_time_s"] = (now - last_flush[0]) / len(host)  # wall time per step, input included
