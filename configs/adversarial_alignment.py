@@ -18,14 +18,21 @@ Variants (``:ARG``):
   default     the embedded synthetic ClickMe data and the demonstration checkpoints.
   clickme     the real adversarial-alignment subset: 1000 classes, batch 50, models given on the
               command line.
-  reference   as ``clickme`` with the study's published PyTorch setting: the ``accumulate``
-              projection, per-image min-max input without the models' normalisation, clipping to
-              [0, 255] (its notebook), to approach its published figures.
+  reference   as ``clickme`` with the input and attack of the study's PyTorch notebook as its published
+              figures were made: records read in batches of 2 in record order and each pair min-maxed
+              to [0, 1] as a whole (global min and max of both images), no model normalisation, the
+              ``accumulate`` projection and clipping to [0, 255].
   runlocal    a tiny run for tests: 8 embedded images, 64 px, one model.
 
+Human maps: every variant uses the map **as stored** (``data.heatmap_pipeline='as_stored'``), as the
+study's parser does (decode the raw float32 224x224 map and reshape; no resize, no blur); a map whose
+size differs from the image's is only resized to it. ``'harmonization'`` selects the harmonization
+loader's resize-blur-resize instead.
+
 Epsilon is in units of [0, 1] RGB pixels; every model normalises its input itself, so eps means the
-same for every model (``attack_domain='unit'``). ``'minmax'`` and ``'standardized'`` reproduce the
-reference's PyTorch and TensorFlow domains.
+same for every model (``attack_domain='unit'``). ``'minmax'`` (with ``minmax_group`` records min-maxed
+together, no model normalisation) and ``'standardized'`` reproduce the reference's PyTorch and
+TensorFlow domains.
 """
 
 import ml_collections
@@ -38,7 +45,9 @@ DEMO_MODELS = ("small_cnn=checkpoints/small_cnn_vanilla", "small_cnn=checkpoints
 
 def get_config(arg: str = "default"):
     c = ml_collections.ConfigDict()
-    c.data = data_block(files=tuple(embedded_files("val")), batch_size=32, mode="eval", num_classes=10)
+    # The study correlates against the map as stored (no resize, no blur): data.heatmap_pipeline.
+    c.data = data_block(files=tuple(embedded_files("val")), batch_size=32, mode="eval", num_classes=10,
+                        heatmap_pipeline="as_stored")
     c.models = DEMO_MODELS  # each 'ARCH=CHECKPOINT_DIR'
     c.workdir = "results/adversarial_alignment"
 
@@ -65,6 +74,7 @@ def get_config(arg: str = "default"):
     c.search.unfooled = "drop"  # 'drop' (PyTorch reference) or 'record' (TF reference: eps = gate)
 
     c.attack_domain = "unit"  # 'unit', 'minmax' (PyTorch reference), 'standardized' (TF reference)
+    c.minmax_group = 2  # 'minmax': consecutive records min-maxed together (its notebook read batches of 2)
     c.resize_to_model = True  # resize images (and maps) to a model's input size when they differ
     c.resize_method = "bicubic"
     c.num_panels = 6

@@ -16,6 +16,9 @@ Variants (``:ARG``):
   vanilla     cross-entropy only.
   harmonized  the same budget with the neural harmonizer's loss (lambda 0.2, 5 pyramid levels).
   runlocal    a few steps on 64-px images, for tests.
+
+Human maps go through the harmonization loader's pipeline (``data.heatmap_pipeline='harmonization'``),
+then min-max normalisation, as in the harmonizer's training code.
 """
 
 import ml_collections

@@ -17,6 +17,9 @@ Variants (``:ARG``):
   default     the embedded synthetic validation shard and the demonstration checkpoints.
   clickme     the ClickMe validation shards (1000 classes), batch 64.
   runlocal    a tiny run for tests: 8 images at 64 px, one model.
+
+Human maps go through the harmonization loader's pipeline (``data.heatmap_pipeline='harmonization'``:
+resize to 64, 10x10 Gaussian blur, resize to 224), as the harmonization study scored its models.
 """
 
 import ml_collections

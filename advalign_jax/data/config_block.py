@@ -7,8 +7,13 @@ import ml_collections
 from advalign_jax.data.reader import ReaderConfig
 
 
-def data_block(files=(), batch_size: int = 32, mode: str = "eval", **overrides) -> ml_collections.ConfigDict:
-    """A ConfigDict with every ReaderConfig field (typed, so command-line overrides parse)."""
+def data_block(files=(), batch_size: int = 32, mode: str = "eval", heatmap_pipeline: str = "harmonization",
+               **overrides) -> ml_collections.ConfigDict:
+    """A ConfigDict with every ReaderConfig field (typed, so command-line overrides parse).
+
+    ``heatmap_pipeline``: ``'harmonization'`` (the harmonization loader's resize-blur-resize: the
+    human-alignment score, harmonizer training) or ``'as_stored'`` (the adversarial-alignment study).
+    """
     block = ml_collections.ConfigDict()
     block.files = tuple(files)
     block.batch_size = batch_size  # global batch: split over processes by the job
@@ -18,6 +23,7 @@ def data_block(files=(), batch_size: int = 32, mode: str = "eval", **overrides) 
     block.image_size = 224
     block.heatmap_blur_size = 64
     block.heatmap_small_method = "bilinear"
+    block.heatmap_pipeline = heatmap_pipeline
     block.image_range = "0_1"
     block.minmax_maps = mode == "train"
     block.random_crop = True

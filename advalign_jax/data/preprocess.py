@@ -6,7 +6,8 @@ Reference: the ``harmonization`` 0.0.9 package, ``common/blur.py`` and
 - image: float32, resized to 224x224 by bilinear interpolation with half-pixel centres and no
   antialiasing (TF2 ``tf.image.resize``), values unchanged (0..255);
 - heatmap: resized to 64x64 (bilinear), blurred by a 10x10 Gaussian of sigma 10 with TF "SAME"
-  padding, resized to 224x224 (bilinear); not normalised.
+  padding, resized to 224x224 (bilinear); not normalised. The adversarial-alignment study instead
+  uses the map as stored (:func:`heatmap_as_stored`).
 
 The training-time variant of the lab's older code adds per-map min-max normalisation and the same
 random-resized crop and horizontal flip applied to image and map (:func:`random_resized_crop_flip`).
@@ -74,6 +75,17 @@ def preprocess_heatmap(heatmap, size: int = IMAGE_SIZE, blur_size: int = HEATMAP
     heatmap = resize(tf.cast(heatmap, tf.float32), blur_size, method=small_method)
     heatmap = gaussian_blur(heatmap, kernel)
     return resize(heatmap, size)
+
+
+def heatmap_as_stored(heatmap, size: int = IMAGE_SIZE):
+    """The map as the record stores it (the adversarial-alignment study's parser: decode and reshape,
+    no resize, no blur), float32 (H, W, 1). Only a map whose size differs from ``size`` is resized
+    (bilinear, as the image), so that it lines up with the image."""
+    tf = import_tf()
+    heatmap = tf.cast(heatmap, tf.float32)
+    same = tf.reduce_all(tf.equal(tf.shape(heatmap)[:2], [size, size]))
+    return tf.cond(same, lambda: tf.ensure_shape(heatmap, [size, size, 1]),
+                   lambda: tf.ensure_shape(resize(heatmap, size), [size, size, 1]))
 
 
 def minmax_normalise(heatmap, epsilon: float = 1e-5):

@@ -16,6 +16,13 @@ with fewer files than processes it reads all files and keeps every ``process_cou
 In eval mode every process yields the same number of batches (padding with fully masked batches), so
 all hosts run the same number of steps.
 
+Human maps go through one of two pipelines (``heatmap_pipeline``): ``'harmonization'`` (the
+harmonization package's loader: resize to ``heatmap_blur_size``, 10x10 Gaussian blur, resize back; the
+human-alignment score and harmonizer training on the JPEG shards) or ``'as_stored'`` (the map as the
+record holds it, resized bilinearly only when its size differs from ``image_size``; the adversarial-
+alignment study, which correlates against the raw float32 maps of ``clickme_test_1000.tfrecords`` with no
+resize and no blur). Images are preprocessed the same way in both.
+
 Each batch is a dict of NumPy arrays: ``image`` (B, S, S, 3) float32, in [0, 1] (``image_range='0_1'``)
 or 0..255 (``'0_255'``, the reference's range); ``heatmap`` (B, S, S) float32; ``label`` (B,) int32;
 ``token`` (B,) float32 (1 = ClickMe map, 0 = no map); in eval mode ``mask`` (B,) bool and ``index`` (B,)
@@ -39,6 +46,7 @@ from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import ConfigError, DataError
 
 EVAL, TRAIN = "eval", "train"
+HEATMAP_PIPELINES = ("harmonization", "as_stored")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +61,7 @@ class ReaderConfig:
     image_size: int = preprocess.IMAGE_SIZE
     heatmap_blur_size: int = preprocess.HEATMAP_BLUR_SIZE
     heatmap_small_method: str = "bilinear"  # 'bicubic' in the lab's older training code
+    heatmap_pipeline: str = "harmonization"  # 'harmonization' (resize, blur, resize) or 'as_stored'
     image_range: str = "0_1"  # '0_1' or '0_255'
     minmax_maps: Optional[bool] = None  # None: True in train mode, False in eval mode
     random_crop: bool = True  # train mode only
@@ -75,6 +84,9 @@ class ReaderConfig:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.encoding not in ("auto",) + records.ENCODINGS:
             raise ConfigError(f"data.encoding must be one of auto, jpeg, raw_float32; got {self.encoding!r}")
+        if self.heatmap_pipeline not in HEATMAP_PIPELINES:
+            raise ConfigError(f"data.heatmap_pipeline must be one of {', '.join(HEATMAP_PIPELINES)}; got "
+                              f"{self.heatmap_pipeline!r}")
         if self.image_range not in ("0_1", "0_255"):
             raise ConfigError(f"data.image_range must be '0_1' or '0_255', got {self.image_range!r}")
         if len(self.mix_sources) != len(self.mix_weights):
@@ -330,8 +342,11 @@ class ClickMeReader:
             self._attempted.assign_add(1)
         ex = records.parse_example_tf(raw, cfg.num_classes, cfg.encoding)
         image = preprocess.preprocess_image(ex["image"], cfg.image_size)
-        heatmap = preprocess.preprocess_heatmap(ex["heatmap"], cfg.image_size, cfg.heatmap_blur_size,
-                                                small_method=cfg.heatmap_small_method)
+        if cfg.heatmap_pipeline == "as_stored":
+            heatmap = preprocess.heatmap_as_stored(ex["heatmap"], cfg.image_size)
+        else:
+            heatmap = preprocess.preprocess_heatmap(ex["heatmap"], cfg.image_size, cfg.heatmap_blur_size,
+                                                    small_method=cfg.heatmap_small_method)
         if cfg.mode == TRAIN and (cfg.random_crop or cfg.flip):
             image, heatmap = self._augment(image, heatmap, example_seed)
         image, heatmap = self._finish_map(image, heatmap)

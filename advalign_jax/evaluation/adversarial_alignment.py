@@ -44,8 +44,8 @@ SUMMARY_COLUMNS = ["model", "num_correct", "avg_eps", "std_eps", "avg_l2", "std_
                    "avg_spearman", "std_spearman", "num_images", "num_attacked", "num_no_finite_tolerance",
                    "num_undefined_spearman", "avg_dice", "avg_iou", "wall_time_s"]
 # Config keys whose values decide the results (a resumed run must agree on them).
-RESULT_KEYS = ("data", "attack", "search", "attack_domain", "resize_to_model", "resize_method", "dtype",
-               "max_images", "seed")
+RESULT_KEYS = ("data", "attack", "search", "attack_domain", "minmax_group", "resize_to_model", "resize_method",
+               "dtype", "max_images", "seed")
 
 
 def attack_config(c) -> PGDConfig:
@@ -85,21 +85,39 @@ def search_config(c) -> ReferenceSearch:
 # ----------------------------------------------------------------------------------------------------
 
 
-def to_attack_domain(x, domain: str, norm):
-    """Images in [0, 1] -> the space the attack works in (see the config's ``attack_domain``)."""
+def group_minmax(x, group_ids):
+    """``(x - lo_g) / (hi_g - lo_g)`` per image, where ``lo_g`` / ``hi_g`` are the minimum and maximum
+    over every pixel and channel of all images sharing the image's group id: the study's PyTorch
+    notebook min-maxed each batch it read as a whole (``imgs - imgs.min(); imgs / imgs.max()``,
+    batches of 2 records). Distinct ids give per-image min-max. A constant group maps to 0."""
+    lo = jnp.min(x, axis=(1, 2, 3))
+    hi = jnp.max(x, axis=(1, 2, 3))
+    same = group_ids[:, None] == group_ids[None, :]
+    lo = jnp.min(jnp.where(same, lo[None, :], jnp.inf), axis=1)[:, None, None, None]
+    hi = jnp.max(jnp.where(same, hi[None, :], -jnp.inf), axis=1)[:, None, None, None]
+    return (x - lo) / jnp.maximum(hi - lo, 1e-12)
+
+
+def minmax_groups(index, mask, group: int):
+    """Group ids of :func:`group_minmax`: ``index // group`` for real images, a distinct negative id for
+    each padded one."""
+    return jnp.where(mask, index // group, -1 - jnp.arange(index.shape[0], dtype=index.dtype))
+
+
+def to_attack_domain(x, domain: str, norm, groups=None):
+    """Images in [0, 1] -> the space the attack works in (see the config's ``attack_domain``);
+    ``groups``: the min-max group of each image (``'minmax'``; default: each image its own)."""
     if domain == "unit":
         return x
-    if domain == "minmax":  # per image, as the PyTorch reference fed its models
-        lo = jnp.min(x, axis=(1, 2, 3), keepdims=True)
-        hi = jnp.max(x, axis=(1, 2, 3), keepdims=True)
-        return (x - lo) / jnp.maximum(hi - lo, 1e-12)
+    if domain == "minmax":  # as the PyTorch reference fed its models: groups of records min-maxed together
+        return group_minmax(x, jnp.arange(x.shape[0]) if groups is None else groups)
     if domain == "standardized":  # the TensorFlow reference attacked the normalised input
         return norm(x)
     raise ConfigError(f"attack_domain must be 'unit', 'minmax' or 'standardized', got {domain!r}")
 
 
 def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
-    """A jitted ``(variables, images, heatmaps, labels) -> per-image results`` for one model."""
+    """A jitted ``(variables, images, heatmaps, labels, index, mask) -> per-image results`` for one model."""
     domain = config.attack_domain
     norm = model.module.norm if hasattr(model.module, "norm") else None
     attack_model = model
@@ -109,12 +127,15 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
         attack_model = get_model(model.name, **{**model.options, "norm": "none"})
     s = config.search
 
-    def fn(variables, images, heatmaps, labels):
+    group = int(config.minmax_group)
+
+    def fn(variables, images, heatmaps, labels, index, mask):
         if config.resize_to_model and images.shape[1:3] != tuple(model.input_shape[:2]):
             size = model.input_shape[:2]
             images = jax.image.resize(images, (images.shape[0], *size, 3), method=config.resize_method)
             heatmaps = jax.image.resize(heatmaps, (heatmaps.shape[0], *size), method=config.resize_method)
-        x = to_attack_domain(images, domain, norm)
+        groups = minmax_groups(index, mask, group)
+        x = to_attack_domain(images, domain, norm, groups)
         logits_fn = attack_model.logits_fn(variables)
         if s.kind == "reference":
             out = reference_search(logits_fn, x, labels, attack, search, key=jax.random.PRNGKey(config.seed))
@@ -128,6 +149,7 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
             "eps": out["eps"], "pred": out["pred"], "l2": metrics.l2_norm(d), "linf": metrics.linf_norm(d),
             "spearman": metrics.spearman(pmask, heatmaps),
             "dice": metrics.top_fraction_dice(pmask, heatmaps), "iou": metrics.top_fraction_iou(pmask, heatmaps),
+            "group_size": jnp.sum(groups[:, None] == groups[None, :], axis=1),
             "picture_x": x, "picture_x_adv": out["x_adv"], "picture_heatmap": heatmaps, "picture_pmask": pmask,
         }
 
@@ -225,6 +247,18 @@ def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def _check_groups(out: dict, meta: dict, group: int) -> None:
+    """Every min-max group in a batch is whole (else the images were min-maxed with fewer partners than
+    the study's): only the last group of the data may be short."""
+    last = (int(meta["num_records"]) - 1) // group
+    for k in np.flatnonzero(meta["mask"]):
+        img = int(meta["index"][k])
+        if int(out["group_size"][k]) < group and img // group != last:
+            raise ConfigError(f"attack_domain 'minmax': record {img} was read without the other records of "
+                              f"its group of {group} (minmax_group); use a data.batch_size that is a multiple "
+                              f"of {group} per process, or minmax_group=1")
+
+
 def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str, gate: float) -> list[dict]:
     rows = []
     for k in np.flatnonzero(meta["mask"]):
@@ -252,16 +286,23 @@ def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str,
     return rows
 
 
+def _rows(config, name, host, meta, done):
+    if config.attack_domain == "minmax":
+        _check_groups(host, meta, int(config.minmax_group))
+    return _rows_from_batch(name, host, meta, done, config.search.unfooled, float(config.search.gate_eps))
+
+
 def task(config) -> runner.Task:
     """The adversarial-alignment evaluation as a :class:`runner.Task` (config checked first)."""
     attack = attack_config(config)
     search = search_config(config)
     to_attack_domain(jnp.zeros((1, 2, 2, 3)), config.attack_domain, lambda x: x)  # validates the name
+    if int(config.minmax_group) < 1:
+        raise ConfigError(f"minmax_group must be at least 1, got {config.minmax_group}")
     return runner.Task(
         result_keys=RESULT_KEYS, per_image_columns=PER_IMAGE_COLUMNS, summary_columns=SUMMARY_COLUMNS,
         make_batch_fn=lambda model: make_batch_fn(model, config, attack, search),
-        rows=lambda name, host, meta, done: _rows_from_batch(name, host, meta, done, config.search.unfooled,
-                                                             float(config.search.gate_eps)),
+        rows=lambda name, host, meta, done: _rows(config, name, host, meta, done),
         summarise=summarise,
         keep_picture=lambda host, k: bool(host["correct"][k] and host["fooled"][k]),
         plot_panels=plot_panels,

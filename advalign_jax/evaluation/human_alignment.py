@@ -41,7 +41,7 @@ def make_batch_fn(model, config):
     method = saliency.METHODS[config.saliency]
     options = dict(n=int(config.smoothgrad.samples), sigma=float(config.smoothgrad.sigma))
 
-    def fn(variables, images, heatmaps, labels):
+    def fn(variables, images, heatmaps, labels, index, mask):  # pylint: disable=unused-argument
         logits_fn = model.logits_fn(variables)
         sal = method(logits_fn, images, labels, key=jax.random.PRNGKey(config.seed), **options)
         pred = jnp.argmax(logits_fn(images), axis=-1)

@@ -59,8 +59,8 @@ def parse_model_specs(models: Sequence[str]) -> list[ModelSpec]:
 class Task:
     """What an evaluation computes and writes.
 
-    ``make_batch_fn(model)`` -> jitted ``(variables, images, heatmaps, labels) -> dict`` of per-image
-    arrays (keys starting with ``picture_`` hold images for panels); ``rows(name, host, meta, done)``
+    ``make_batch_fn(model)`` -> jitted ``(variables, images, heatmaps, labels, index, mask) -> dict`` of
+    per-image arrays (``index``: record index; ``mask``: real, not padding) (keys starting with ``picture_`` hold images for panels); ``rows(name, host, meta, done)``
     -> per-image CSV rows; ``summarise(name, rows, seconds)`` -> the summary row; ``keep_picture(host,
     k)`` says whether image k of a batch is worth a panel; ``plot_panels(path, name, panels)`` and
     ``plot_summary(workdir, summary_rows)`` draw.
@@ -121,6 +121,7 @@ def run(config, task: Task, progress: bool = True) -> list[dict]:
         spent = json.load(open(timing_path))["seconds"] if os.path.exists(timing_path) else 0.0
         reader = ClickMeReader(reader_config(config.data, per_process_batch=per_process))
         total = reader.num_batches if limit is None else min(reader.num_batches, math.ceil(limit / per_process))
+        num_records = sum(reader.record_counts) if limit is None else min(sum(reader.record_counts), limit)
         batch_fn = task.make_batch_fn(model)
         pictures_of = jax.jit(lambda out, n: {k: v[:n] for k, v in out.items() if k.startswith(PICTURE_PREFIX)},
                               static_argnums=1, out_shardings=parallel.replicated(mesh))
@@ -133,10 +134,13 @@ def run(config, task: Task, progress: bool = True) -> list[dict]:
                 bar.update(1)
                 continue
             start = time.perf_counter()
-            inputs = parallel.shard_batch({k: batch[k] for k in ("image", "heatmap", "label")}, mesh)
-            out = batch_fn(params, inputs["image"], inputs["heatmap"], inputs["label"])
+            inputs = parallel.shard_batch({**{k: batch[k] for k in ("image", "heatmap", "label")},
+                                           "index": batch["index"].astype(np.int32), "mask": mask}, mesh)
+            out = batch_fn(params, inputs["image"], inputs["heatmap"], inputs["label"], inputs["index"],
+                           inputs["mask"])
             host = parallel.to_host({k: v for k, v in out.items() if not k.startswith(PICTURE_PREFIX)})
             meta = parallel.to_host({"mask": mask, "index": batch["index"], "label": batch["label"]})
+            meta["num_records"] = num_records
             rows = task.rows(spec.name, host, meta, set(per_image.rows))
             if writer:
                 per_image.append(rows)

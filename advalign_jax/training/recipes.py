@@ -4,7 +4,8 @@ From ``../shared/spec/harmonization.md`` ("Training recipe of the released model
 momentum 0.9; linear warm-up over 5 epochs, the rate x0.1 at epoch 30, x0.01 at 60, x0.001 at 80;
 global batch 1024 (256 for ViT); 224 px; ClickMe (token 1) and ImageNet (token 0, zero map) sampled
 20% / 80% with one random-resized crop and flip shared by image and map; min-max normalised maps;
-label smoothing 0.1; an L2 term 1e-5 on the weights outside normalisation layers; the harmonization
+label smoothing 0.1; human maps through the harmonization loader's resize-blur-resize
+(``data.heatmap_pipeline='harmonization'``); an L2 term 1e-5 on the weights outside normalisation layers; the harmonization
 weight lambda (1.0 in the package, 2.0 and a base rate of 0.7 in the lab's training code, whose values
 are the defaults here; the released checkpoints' per-model values are not published). Training
 fine-tunes a checkpoint of the model zoo (``model.init_from``), as the lab did.
