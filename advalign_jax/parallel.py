@@ -109,3 +109,12 @@ def all_processes(flag: bool) -> bool:
 
     flags = multihost_utils.process_allgather(np.asarray([bool(flag)]))
     return bool(np.all(flags))
+
+
+def from_process_0(value: np.ndarray) -> np.ndarray:
+    """Process 0's ``value`` on every process (a NumPy array of the same shape and dtype everywhere)."""
+    if jax.process_count() == 1:
+        return np.asarray(value)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))

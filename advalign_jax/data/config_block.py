@@ -34,6 +34,7 @@ def data_block(files=(), batch_size: int = 32, mode: str = "eval", heatmap_pipel
     block.shuffle_buffer = 2048
     block.cycle_length = 8
     block.skip_bad_records = False
+    block.allow_empty = False
     block.clickme_weight = 1.0
     block.mix_sources = ()
     block.mix_weights = ()

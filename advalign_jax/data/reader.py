@@ -72,6 +72,7 @@ class ReaderConfig:
     shuffle_buffer: int = 2048
     cycle_length: int = 8
     skip_bad_records: bool = False
+    allow_empty: bool = False  # accept files that hold no records (else: one line naming them)
     clickme_weight: float = 1.0
     mix_sources: Sequence[str] = ()  # e.g. ('tfds:imagenet2012:train',)
     mix_weights: Sequence[float] = ()
@@ -238,6 +239,14 @@ class ClickMeReader:
         self._passed = tf.Variable(0, dtype=tf.int64, trainable=False)
 
     # -- sizes ----------------------------------------------------------------------------------------
+
+    def check_not_empty(self) -> None:
+        """Refuses files that hold no records at all (one line naming them), unless ``allow_empty``."""
+        if self.config.allow_empty or sum(self.record_counts):
+            return
+        names = ", ".join(self.files[:3]) + (f" and {len(self.files) - 3} more" if len(self.files) > 3 else "")
+        raise DataError(f"{names}: no records (data.files matched {len(self.files)} file(s) holding 0 "
+                        "records); check the files, or set data.allow_empty=true to accept an empty run")
 
     @property
     def record_counts(self) -> list[int]:

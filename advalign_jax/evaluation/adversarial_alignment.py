@@ -306,7 +306,8 @@ def task(config) -> runner.Task:
         summarise=summarise,
         keep_picture=lambda host, k: bool(host["correct"][k] and host["fooled"][k]),
         plot_panels=plot_panels,
-        plot_summary=lambda workdir, rows: plot_scatter(os.path.join(workdir, "tolerance_vs_alignment.png"), rows))
+        plot_summary=lambda workdir, rows, changed: runner.replot(
+            os.path.join(workdir, "tolerance_vs_alignment.png"), changed, lambda path: plot_scatter(path, rows)))
 
 
 def evaluate(config, progress: bool = True) -> list[dict]:

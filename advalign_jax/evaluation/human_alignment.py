@@ -117,7 +117,8 @@ def task(config) -> runner.Task:
         make_batch_fn=lambda model: make_batch_fn(model, config), rows=_rows,
         summarise=lambda name, rows, seconds: summarise(name, rows, seconds, config.saliency),
         keep_picture=lambda host, k: True, plot_panels=plot_panels,
-        plot_summary=lambda workdir, rows: plot_scores(os.path.join(workdir, "alignment.png"), rows))
+        plot_summary=lambda workdir, rows, changed: runner.replot(os.path.join(workdir, "alignment.png"), changed,
+                                                                 lambda path: plot_scores(path, rows)))
 
 
 def evaluate(config, progress: bool = True) -> list[dict]:

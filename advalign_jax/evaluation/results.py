@@ -10,13 +10,7 @@ import os
 from typing import Sequence
 
 from advalign_jax.errors import AdvalignError
-
-
-def fmt(v) -> str:
-    """CSV text of a value: floats to 6 significant decimals, NaN as 'nan'."""
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else repr(round(v, 6)) if abs(v) >= 1e-4 else f"{v:.6g}"
-    return str(v)
+from advalign_jax.store import fmt, write_csv  # noqa: F401  (re-exported)
 
 
 class PerImageFile:
@@ -60,15 +54,6 @@ class PerImageFile:
             os.fsync(f.fileno())
         for r in rows:
             self.rows[int(r["img"])] = {c: fmt(r[c]) for c in self.columns}
-
-
-def write_csv(path: str, columns: Sequence[str], rows: Sequence[dict]) -> None:
-    """Writes a whole CSV atomically."""
-    with open(path + ".tmp", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        writer.writerows([[fmt(r[c]) for c in columns] for r in rows])
-    os.replace(path + ".tmp", path)
 
 
 def read_csv_by(path: str, key: str) -> dict:

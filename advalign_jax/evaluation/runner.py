@@ -20,9 +20,8 @@ from typing import Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from advalign_jax import parallel
+from advalign_jax import parallel, store
 from advalign_jax.errors import AdvalignError, ConfigError
-from advalign_jax.evaluation.results import PerImageFile, check_workdir, merge_summary
 
 PICTURE_PREFIX = "picture_"  # batch-function outputs with this prefix are images kept for panels
 
@@ -60,10 +59,13 @@ class Task:
     """What an evaluation computes and writes.
 
     ``make_batch_fn(model)`` -> jitted ``(variables, images, heatmaps, labels, index, mask) -> dict`` of
-    per-image arrays (``index``: record index; ``mask``: real, not padding) (keys starting with ``picture_`` hold images for panels); ``rows(name, host, meta, done)``
-    -> per-image CSV rows; ``summarise(name, rows, seconds)`` -> the summary row; ``keep_picture(host,
-    k)`` says whether image k of a batch is worth a panel; ``plot_panels(path, name, panels)`` and
-    ``plot_summary(workdir, summary_rows)`` draw.
+    per-image arrays (``index``: record index; ``mask``: real, not padding; keys starting with
+    ``picture_`` hold images for panels); ``rows(name, host, meta, done)`` -> per-image CSV rows;
+    ``summarise(name, rows, seconds)`` -> the summary row (from the CSV rows, strings);
+    ``keep_picture(host, k)`` says whether image k of a batch is worth a panel;
+    ``plot_panels(path, name, panels)`` and ``plot_summary(workdir, summary_rows, changed)`` draw
+    (``changed``: the summary changed in this run). ``text_columns``: per-image columns that are not
+    numbers.
     """
 
     result_keys: Sequence[str]
@@ -75,10 +77,12 @@ class Task:
     keep_picture: Callable
     plot_panels: Callable
     plot_summary: Callable
+    text_columns: Sequence[str] = ("model", "status")
 
 
 def load_models(config, specs: Sequence[ModelSpec]) -> list:
-    """(spec, model, variables) for every spec; every checkpoint is checked before anything runs."""
+    """(spec, model, variables, fingerprint) for every spec; every checkpoint is checked before anything
+    runs. The fingerprint (:func:`advalign_jax.store.fingerprint`) keys its results."""
     from advalign_jax.models import load_model  # pylint: disable=import-outside-toplevel
 
     loaded = []
@@ -87,17 +91,70 @@ def load_models(config, specs: Sequence[ModelSpec]) -> list:
         if model.num_classes != config.data.num_classes:
             raise AdvalignError(f"{spec.path}: the model has {model.num_classes} classes but the data "
                                 f"has {config.data.num_classes} (data.num_classes)")
-        loaded.append((spec, model, variables))
+        options = {k: v for k, v in model.options.items() if k != "dtype"}
+        loaded.append((spec, model, variables, store.fingerprint(model.name, options, variables)))
     return loaded
 
 
-def run(config, task: Task, progress: bool = True) -> list[dict]:
-    """Evaluates every model of ``config.models``; returns the summary rows."""
+class PanelStore:
+    """The images shown in ``panels/<model>.png``: the first ``n`` eligible images in record order,
+    whatever batches a (resumed) run computed. Their pictures are kept in ``panels/<model>.npz`` so that
+    a resumed run draws the same panels."""
+
+    def __init__(self, path: str, n: int, load: bool = True):
+        self.path, self.n = path, n
+        self.items: dict[int, dict] = {}
+        self.changed = False
+        if load and os.path.exists(path):
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    meta = json.loads(str(z["meta"]))
+                    for i, m in enumerate(meta):
+                        self.items[int(m["img"])] = {**m, **{k: z[f"{i}/{k}"] for k in m["arrays"]}}
+            except (OSError, ValueError, KeyError):
+                self.items = {}  # a damaged file: the panels are drawn again from what this run computes
+
+    def wants(self, img: int) -> bool:
+        return self.n > 0 and img not in self.items and (len(self.items) < self.n or img < max(self.items))
+
+    def offer(self, item: dict) -> None:
+        self.items[int(item["img"])] = item
+        for img in sorted(self.items)[self.n:]:
+            del self.items[img]
+        self.changed = True
+
+    def panels(self) -> list[dict]:
+        return [self.items[i] for i in sorted(self.items)]
+
+    def save(self) -> None:
+        arrays, meta = {}, []
+        for i, img in enumerate(sorted(self.items)):
+            item = self.items[img]
+            names = [k for k, v in item.items() if isinstance(v, np.ndarray)]
+            meta.append({**{k: _plain_scalar(v) for k, v in item.items() if k not in names}, "arrays": names})
+            arrays.update({f"{i}/{k}": item[k] for k in names})
+        store.atomic_write(self.path, lambda f: np.savez(f, meta=json.dumps(meta), **arrays), binary=True)
+        self.changed = False
+
+
+def _plain_scalar(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def run(config, task: Task, progress: bool = True, log=None) -> list[dict]:
+    """Evaluates every model of ``config.models``; returns the summary rows.
+
+    Crash safety (:mod:`advalign_jax.store`): one run per workdir (a lock), rows appended whole and
+    synced batch by batch, torn rows dropped and recomputed on resume, summaries and figures replaced
+    atomically; ``config.json`` is recorded with the first result and ``models.json`` ties each result
+    name to its checkpoint's fingerprint.
+    """
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     from advalign_jax.data.config_block import reader_config  # pylint: disable=import-outside-toplevel
     from advalign_jax.data.reader import ClickMeReader  # pylint: disable=import-outside-toplevel
 
+    log = log or (lambda msg: tqdm.write(msg, file=sys.stderr))
     parallel.initialize_distributed(bool(config.distributed))
     specs = parse_model_specs(config.models)
     loaded = load_models(config, specs)
@@ -109,28 +166,56 @@ def run(config, task: Task, progress: bool = True) -> list[dict]:
     per_process = global_batch // jax.process_count()
     writer = jax.process_index() == 0
     workdir = config.workdir
-    if writer:
-        check_workdir(workdir, config, task.result_keys)
-        os.makedirs(os.path.join(workdir, "per_image"), exist_ok=True)
-        os.makedirs(os.path.join(workdir, "panels"), exist_ok=True)
+    reader_cfg = reader_config(config.data, per_process_batch=per_process)
+    ClickMeReader(reader_cfg).check_not_empty()  # before the workdir is touched
     limit: Optional[int] = config.max_images if config.max_images >= 0 else None
-    summary = []
-    for spec, model, variables in loaded:
-        per_image = PerImageFile(os.path.join(workdir, "per_image", f"{spec.name}.csv"), task.per_image_columns)
-        timing_path = os.path.join(workdir, "per_image", f"{spec.name}.time.json")
-        spent = json.load(open(timing_path))["seconds"] if os.path.exists(timing_path) else 0.0
-        reader = ClickMeReader(reader_config(config.data, per_process_batch=per_process))
-        total = reader.num_batches if limit is None else min(reader.num_batches, math.ceil(limit / per_process))
-        num_records = sum(reader.record_counts) if limit is None else min(sum(reader.record_counts), limit)
-        batch_fn = task.make_batch_fn(model)
-        pictures_of = jax.jit(lambda out, n: {k: v[:n] for k, v in out.items() if k.startswith(PICTURE_PREFIX)},
-                              static_argnums=1, out_shardings=parallel.replicated(mesh))
-        params = parallel.replicate(variables, mesh)
-        panels: list = []
-        bar = tqdm(total=total, desc=spec.name, unit="batch", disable=not (progress and writer), file=sys.stderr)
+
+    record = store.RunRecord(workdir, config, task.result_keys)
+    files = {}
+    lock = None
+    if writer:
+        lock = store.WorkdirLock(workdir)
+        store.make_dirs(os.path.join(workdir, "per_image"))
+        validate = store.numeric_row(task.per_image_columns, task.text_columns)
+        for spec, *_ in loaded:
+            files[spec.name] = store.RowFile(os.path.join(workdir, "per_image", f"{spec.name}.csv"),
+                                             task.per_image_columns, key="img", validate=validate, log=log)
+        record.check(has_results=any(f.rows for f in files.values()))
+        record.check_models({spec.name: {"path": spec.path, "fingerprint": fp} for spec, _, _, fp in loaded},
+                            lambda name: bool(files[name].rows))
+    try:
+        summary = [_run_model(config, task, mesh, spec, model, variables, fp, files.get(spec.name), record,
+                              reader_cfg, per_process, global_batch, limit, progress, writer, specs)
+                   for spec, model, variables, fp in loaded]
+    finally:
+        if lock is not None:
+            lock.release()
+    return summary
+
+
+def _run_model(config, task, mesh, spec, model, variables, fp, per_image, record, reader_cfg, per_process,
+               global_batch, limit, progress, writer, specs) -> dict:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.data.reader import ClickMeReader  # pylint: disable=import-outside-toplevel
+
+    workdir = config.workdir
+    done = set(int(k) for k in per_image.rows) if per_image is not None else set()
+    timing_path = os.path.join(workdir, "per_image", f"{spec.name}.time.json")
+    spent = float((store.read_json(timing_path, {}) or {}).get("seconds", 0.0)) if writer else 0.0
+    panels = PanelStore(os.path.join(workdir, "panels", f"{spec.name}.npz"), int(config.num_panels), load=writer)
+    reader = ClickMeReader(reader_cfg)
+    total = reader.num_batches if limit is None else min(reader.num_batches, math.ceil(limit / per_process))
+    num_records = sum(reader.record_counts) if limit is None else min(sum(reader.record_counts), limit)
+    batch_fn = task.make_batch_fn(model)
+    pictures_at = jax.jit(lambda out, pos: {k: v[pos] for k, v in out.items() if k.startswith(PICTURE_PREFIX)},
+                          out_shardings=parallel.replicated(mesh))
+    params = parallel.replicate(variables, mesh)
+    bar = tqdm(total=total, desc=spec.name, unit="batch", disable=not (progress and writer), file=sys.stderr)
+    try:
         for batch in reader.take(total):
             mask = batch["mask"] & (batch["index"] < limit) if limit is not None else batch["mask"]
-            if parallel.all_processes(all(int(j) in per_image.rows for j in batch["index"][mask])):
+            if parallel.all_processes(all(int(j) in done for j in batch["index"][mask])):
                 bar.update(1)
                 continue
             start = time.perf_counter()
@@ -141,41 +226,71 @@ def run(config, task: Task, progress: bool = True) -> list[dict]:
             host = parallel.to_host({k: v for k, v in out.items() if not k.startswith(PICTURE_PREFIX)})
             meta = parallel.to_host({"mask": mask, "index": batch["index"], "label": batch["label"]})
             meta["num_records"] = num_records
-            rows = task.rows(spec.name, host, meta, set(per_image.rows))
+            rows = task.rows(spec.name, host, meta, done)
+            # Pictures of the eligible images that enter the first num_panels in record order; process 0
+            # decides, every process takes part in the gather.
+            wanted = [k for k in np.argsort(meta["index"], kind="stable")
+                      if meta["mask"][k] and task.keep_picture(host, k) and panels.wants(int(meta["index"][k]))]
+            pos = np.full((max(int(config.num_panels), 1),), -1, np.int32)
+            pos[:min(len(wanted), len(pos))] = wanted[:len(pos)]
+            pos = parallel.from_process_0(pos)
+            if np.any(pos >= 0):
+                pics = parallel.to_host(pictures_at(out, np.maximum(pos, 0)))
+                for j, k in enumerate(int(q) for q in pos if q >= 0):
+                    panels.offer({"img": int(meta["index"][k]), "label": int(meta["label"][k]),
+                                  **{key: _plain_scalar(np.asarray(host[key][k])) for key in host},
+                                  **{key[len(PICTURE_PREFIX):]: np.asarray(v[j]) for key, v in pics.items()}})
             if writer:
+                if panels.changed:  # pictures first: a batch whose rows are kept has its pictures kept
+                    store.make_dirs(os.path.join(workdir, "panels"))
+                    panels.save()
+                record.commit()
+                record.commit_model(spec.name, {"path": spec.path, "fingerprint": fp})
                 per_image.append(rows)
                 spent += time.perf_counter() - start
-                with open(timing_path + ".tmp", "w") as f:
-                    json.dump({"seconds": spent}, f)
-                os.replace(timing_path + ".tmp", timing_path)
-            if len(panels) < config.num_panels:  # every process takes part: the pictures are gathered
-                pics = pictures_of(out, min(config.num_panels, global_batch))
-                n = len(next(iter(pics.values())))
-                for k in np.flatnonzero(meta["mask"][:n]):
-                    if len(panels) < config.num_panels and task.keep_picture(host, k):
-                        panels.append({"img": int(meta["index"][k]), "label": int(meta["label"][k]),
-                                       **{key: host[key][k] for key in host},
-                                       **{key[len(PICTURE_PREFIX):]: np.asarray(v[k]) for key, v in pics.items()}})
+                store.atomic_write_json(timing_path, {"seconds": spent})
+            done.update(int(r["img"]) for r in rows)
             bar.update(1)
+    finally:
         bar.close()
-        row = task.summarise(spec.name, list(per_image.rows.values()), spent)
-        summary.append(row)
-        if writer:
-            if panels:
-                task.plot_panels(os.path.join(workdir, "panels", f"{spec.name}.png"), spec.name, panels)
-            existing = merge_summary(os.path.join(workdir, "summary.csv"), task.summary_columns, row,
-                                     [s.name for s in specs])
-            task.plot_summary(workdir, list(existing.values()))
-    return summary
+    rows = list(per_image.rows.values()) if writer else []
+    row = task.summarise(spec.name, rows, spent)
+    if writer:
+        summary_path = os.path.join(workdir, "summary.csv")
+        existing = store.read_csv(summary_path)
+        by_name = {r["model"]: r for r in existing}
+        new = {c: store.fmt(row[c]) for c in task.summary_columns}
+        changed = by_name.get(spec.name) != new
+        by_name[spec.name] = new
+        order = [s.name for s in specs]
+        ordered = [by_name[n] for n in order if n in by_name] + [r for n, r in by_name.items() if n not in order]
+        if changed:
+            store.write_csv(summary_path, task.summary_columns, ordered)
+        panel_png = os.path.join(workdir, "panels", f"{spec.name}.png")
+        if panels.items and (changed or not os.path.exists(panel_png)):
+            store.make_dirs(os.path.join(workdir, "panels"))
+            with store.writing(panel_png):
+                task.plot_panels(panel_png, spec.name, panels.panels())
+        with store.writing(workdir):
+            task.plot_summary(workdir, ordered, changed)
+    return row
+
+
+def replot(path: str, changed: bool, draw: Callable) -> None:
+    """Draws ``path`` when its data changed in this run or it is missing (a finished run reopened in a
+    read-only directory writes nothing)."""
+    if changed or not os.path.exists(path):
+        draw(path)
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
     """Saves a matplotlib figure atomically and closes it."""
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    fig.savefig(path + ".tmp.png", dpi=dpi)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    try:
+        store.atomic_write(path, lambda f: fig.savefig(f, dpi=dpi, format="png"), binary=True)
+    finally:
+        plt.close(fig)
 
 
 def mean_std(values) -> tuple[float, float]:

@@ -18,8 +18,10 @@ input pipeline, model and optimizer, shapes and shardings, update step, checkpoi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
+import io
 import json
 import math
 import os
@@ -33,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from advalign_jax import parallel
+from advalign_jax import parallel, store
 from advalign_jax.errors import AdvalignError, ConfigError
 from advalign_jax.training import objectives, optim
 
@@ -66,37 +68,48 @@ def make_train_input(config, per_process_batch: int):
 
 
 class MetricsLog:
-    """``metrics.csv`` (one row per logged step, columns grow as new metrics appear) + TensorBoard."""
+    """``metrics.csv`` (one row per logged step) + TensorBoard.
+
+    Rows are appended as whole lines (synced); the file is rewritten only when a new metric adds a
+    column or, on resume, when rows logged after the checkpoint being resumed must go (so a resumed run
+    has each step once) or a torn last line must go.
+    """
 
     def __init__(self, workdir: str, resume_step: int, enabled: bool):
         self.enabled = enabled
         self.path = os.path.join(workdir, "metrics.csv")
-        self.rows: list[dict] = []
+        self.columns: list[str] = ["step"]
         self.writer = None
         if not enabled:
             return
-        if os.path.exists(self.path):  # drop rows after the step we resume from (no duplicates)
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(float(r["step"])) <= resume_step]
-            self._rewrite()
+        if os.path.exists(self.path):
+            with open(self.path, "rb") as f:
+                data = f.read()
+            whole = data[:data.rfind(b"\n") + 1].decode(errors="replace")
+            rows = list(csv.DictReader(io.StringIO(whole)))
+            keep = [r for r in rows if _step_of(r) is not None and _step_of(r) <= resume_step]
+            self.columns = list(csv.DictReader(io.StringIO(whole)).fieldnames or ["step"])
+            if len(keep) != len(rows) or len(whole) != len(data):
+                store.write_csv(self.path, self.columns, keep)
         from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
 
         tf = import_tf()
         self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
 
-    def _rewrite(self):
-        columns = ["step"] + sorted({k for r in self.rows for k in r} - {"step"})
-        with open(self.path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, columns, restval="")
-            writer.writeheader()
-            writer.writerows(self.rows)
-        os.replace(self.path + ".tmp", self.path)
-
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.rows.append({"step": step, **{k: f"{v:.6g}" for k, v in values.items()}})
-        self._rewrite()
+        row = {"step": step, **{k: f"{v:.6g}" for k, v in values.items()}}
+        new = [k for k in sorted(values) if k not in self.columns]
+        if new or not os.path.exists(self.path):
+            old = store.read_csv(self.path) if os.path.exists(self.path) else []
+            self.columns = self.columns + new
+            store.write_csv(self.path, self.columns, [*old, row])
+        else:
+            with store.writing(self.path), open(self.path, "a", newline="") as f:
+                f.write(store.csv_text([[row.get(c, "") for c in self.columns]]))
+                f.flush()
+                os.fsync(f.fileno())
         from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
 
         tf = import_tf()
@@ -104,6 +117,20 @@ class MetricsLog:
             for k, v in values.items():
                 tf.summary.scalar(k, v)
         self.writer.flush()
+
+    def last_values(self) -> dict:
+        rows = store.read_csv(self.path) if self.enabled else []
+        out = {}
+        for r in rows:
+            out.update({k: float(v) for k, v in r.items() if k != "step" and v not in ("", None)})
+        return out
+
+
+def _step_of(row: dict):
+    try:
+        return int(float(row["step"]))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -120,15 +147,37 @@ def _manager(workdir: str, config):
                                  item_names=("state", "meta"))
 
 
-def _data_state_prefix(workdir: str, step: int) -> str:
-    return os.path.join(os.path.abspath(workdir), "data_state", str(step), f"process_{jax.process_index()}")
+# Keys that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "workdir",
+                     "export_to", "num_devices", "distributed")
+
+
+def _data_state_dir(workdir: str, step: int, process: Optional[int] = None) -> str:
+    p = jax.process_index() if process is None else process
+    return os.path.join(os.path.abspath(workdir), "data_state", str(step), f"process_{p}")
+
+
+def _data_state_prefix(workdir: str, step: int) -> Optional[str]:
+    """This process's saved input-stream position of checkpoint ``step`` (None if it was never
+    completed). The position is a folder renamed into place once written, so it exists whole or not at all."""
+    folder = _data_state_dir(workdir, step)
+    if os.path.isdir(folder):
+        return os.path.join(folder, "state")
+    legacy = folder  # earlier layout: files data_state/STEP/process_I.json / .index beside each other
+    if os.path.exists(legacy + ".json") or os.path.exists(legacy + ".index"):
+        return legacy
+    return None
 
 
 def run_meta(config, model) -> dict:
-    """What a checkpoint must agree with to be resumed by this config."""
+    """What a checkpoint must agree with to be resumed by this config: the architecture, and every
+    config value except :data:`RESUMABLE_CHANGES`."""
+    full = json.loads(json.dumps(config.to_dict(), default=str))
     return {"arch": model.name, "num_classes": model.num_classes,
             "model_options": json.loads(json.dumps(config.model.options.to_dict())),
-            "optimizer": config.optimizer.name, "objective": config.objective.name}
+            "optimizer": config.optimizer.name, "objective": config.objective.name,
+            "config": {k: v for k, v in full.items() if k not in RESUMABLE_CHANGES},
+            "process_count": jax.process_count()}
 
 
 def _check_meta(saved: dict, current: dict, path: str) -> None:
@@ -136,6 +185,26 @@ def _check_meta(saved: dict, current: dict, path: str) -> None:
         if saved.get(key) != current.get(key):
             raise AdvalignError(f"{path} holds a checkpoint with {key} {saved.get(key)!r}, but this config has "
                                 f"{current.get(key)!r}; use another --config.workdir to start afresh")
+    if "config" in saved:
+        changed = store.differences(saved["config"], current["config"])
+        if changed:
+            shown = "; ".join(store.first_difference(_get(saved["config"], k), _get(current["config"], k), k)
+                              for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise AdvalignError(f"{path} holds a run of another configuration ({shown}{more}); only "
+                                f"{', '.join(RESUMABLE_CHANGES)} may change on resume; use another "
+                                "--config.workdir to start afresh")
+    saved_count = saved.get("process_count", 1)
+    if saved_count != current.get("process_count", 1):
+        raise AdvalignError(f"{path} was written by {saved_count} process(es) and this run has "
+                            f"{current.get('process_count', 1)}; each process's input-stream position is its own, "
+                            f"so resume with {saved_count} process(es) or use another --config.workdir")
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,18 +250,30 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
     ``stop_after`` ends the run after that many steps of this invocation (as an interruption would),
     leaving a checkpoint to resume from; tests use it.
     """
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.models import load_model, save_model  # pylint: disable=import-outside-toplevel
-
     # ---- start-up -----------------------------------------------------------------------------------
     parallel.initialize_distributed(bool(config.distributed))
     workdir = config.workdir
     writer = jax.process_index() == 0
-    if writer:
-        os.makedirs(workdir, exist_ok=True)
     objective = objectives.get(config.objective.name)
+    export = config.export_to or os.path.join(workdir, "model")
+    if writer and os.path.exists(export) and not os.path.isdir(export):
+        raise store.OutputError(f"cannot write the model to {export}: it is a file; use another --config.export_to")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise store.OutputError(f"cannot write into {workdir}: it is a file, not a directory; use another "
+                                "--config.workdir")
+    locks: list = []  # the workdir lock, taken once the config and data are known to be good
+    try:
+        return _train(config, progress, stop_after, log, workdir, writer, objective, export, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _train(config, progress, stop_after, log, workdir, writer, objective, export, locks) -> dict:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.models import load_model  # pylint: disable=import-outside-toplevel
 
     # ---- mesh ---------------------------------------------------------------------------------------
     mesh = parallel.make_mesh(devices=jax.devices()[:config.num_devices] if config.num_devices else None)
@@ -232,10 +313,18 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
                                   abstract_state)
 
     # ---- checkpoints: resume or start -------------------------------------------------------------------
-    manager = _manager(workdir, config)
-    meta = run_meta(config, model)
     train_input = make_train_input(config, per_process_batch)
-    latest = manager.latest_step()
+    if writer:
+        locks.append(store.WorkdirLock(workdir))  # one run per workdir, released when this process ends
+    try:
+        manager = _manager(workdir, config)
+    except Exception as err:  # pylint: disable=broad-except
+        os_err = _os_error_in(err)
+        if os_err is None:
+            raise
+        raise store.output_error(os.path.join(workdir, "checkpoints"), os_err) from None
+    meta = run_meta(config, model)
+    latest = _restorable_step(manager, workdir, log)
     if latest is not None:
         saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         _check_meta(saved, meta, os.path.join(workdir, "checkpoints"))
@@ -259,6 +348,11 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
             log(f"fine-tuning from {config.model.init_from}")
     start_step = int(state["step"])
     metrics_log = MetricsLog(workdir, start_step, writer)
+    if start_step >= total_steps:  # a finished run: nothing to train, nothing to log again
+        log(f"already trained to step {start_step} (total_steps {total_steps}) in {workdir}")
+        if writer and not os.path.isdir(export):
+            _export(config, state, export, workdir)
+        return {**metrics_log.last_values(), "export": export}
 
     # ---- update step --------------------------------------------------------------------------------
     base_key = jax.random.PRNGKey(int(config.seed) + 1)
@@ -356,14 +450,18 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
         metrics_log.write(step, evaluation)
         last_values.update(evaluation)
     if writer:
-        export = config.export_to or os.path.join(workdir, "model")
-        final = final_variables(state)
-        from advalign_jax.models import get_model  # pylint: disable=import-outside-toplevel
-
-        plain = get_model(config.model.name, **config.model.options.to_dict())
-        save_model(export, plain, final, source=f"trained: {os.path.abspath(workdir)}", overwrite=True)
+        _export(config, state, export, workdir)
         last_values["export"] = export
     return last_values
+
+
+def _export(config, state, export: str, workdir: str) -> None:
+    from advalign_jax.models import get_model, save_model  # pylint: disable=import-outside-toplevel
+
+    plain = get_model(config.model.name, **config.model.options.to_dict())
+    with store.writing(export):
+        save_model(export, plain, final_variables(state), source=f"trained: {os.path.abspath(workdir)}",
+                   overwrite=True)
 
 
 def final_variables(state) -> dict:
@@ -420,18 +518,88 @@ def array_robust_accuracy(config, model, variables, mesh, batch_size: int = 256)
 
 
 def _save(manager, workdir, step, state, meta, train_input) -> None:
+    """Checkpoint ``step``: the input-stream position first (a folder renamed into place), then the
+    orbax checkpoint (written beside and renamed by orbax). A restore needs both, so a kill at any
+    moment leaves the previous checkpoint complete."""
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                 force=True)
-    manager.wait_until_finished()
-    prefix = _data_state_prefix(workdir, step)
-    os.makedirs(os.path.dirname(prefix), exist_ok=True)
-    train_input.save(prefix)
+    folder = _data_state_dir(workdir, step)
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        train_input.save(os.path.join(tmp, "state"))
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise store.output_error(folder, err) from None
+    try:
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   meta=ocp.args.JsonSave(meta)), force=True)
+        manager.wait_until_finished()
+    except Exception as err:  # pylint: disable=broad-except
+        os_err = _os_error_in(err)
+        if os_err is None:
+            raise
+        raise store.output_error(os.path.join(workdir, "checkpoints"), os_err) from None
+    _prune_data_states(workdir, manager)
+
+
+def _os_error_in(err: BaseException) -> Optional[OSError]:
+    """The OSError behind an exception (orbax wraps them), if any."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
+def _prune_data_states(workdir: str, manager) -> None:
+    """Removes this process's input-stream positions of checkpoints orbax no longer keeps."""
     kept = {str(s) for s in manager.all_steps()}
     root = os.path.join(os.path.abspath(workdir), "data_state")
-    if jax.process_index() == 0:
-        for name in os.listdir(root):
-            if name not in kept:
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    if not os.path.isdir(root):
+        return
+    mine = f"process_{jax.process_index()}"
+    for name in os.listdir(root):
+        if name in kept or not os.path.isdir(os.path.join(root, name)):
+            continue
+        for entry in os.listdir(os.path.join(root, name)):
+            if entry == mine or entry.startswith(mine + ".") or entry.startswith(mine + "-"):
+                target = os.path.join(root, name, entry)
+                if os.path.isdir(target):
+                    shutil.rmtree(target, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        os.remove(target)
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(root, name))  # empty once every process removed its own
 
+
+def _restorable_step(manager, workdir: str, log) -> Optional[int]:
+    """The newest checkpoint whose input-stream position was written by every process (the same step
+    on every process); newer incomplete ones are removed with a one-line warning."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    have = np.array([s if _data_state_prefix(workdir, s) is not None else -1 for s in steps] or [-1], np.int64)
+    # every process must hold the step: the newest step present everywhere
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        gathered = np.asarray(multihost_utils.process_allgather(have))
+        common = set(gathered[0].tolist())
+        for row in gathered[1:]:
+            common &= set(row.tolist())
+        have = np.array(sorted(common, reverse=True) or [-1], np.int64)
+    chosen = int(have[0]) if have.size and have[0] >= 0 else None
+    for s in steps:
+        if chosen is not None and s <= chosen:
+            break
+        log(f"warning: checkpoint {s} in {os.path.join(workdir, 'checkpoints')} is incomplete (its input-stream "
+            f"position is missing: the run was stopped while saving it); "
+            + (f"resuming from step {chosen}" if chosen is not None else "starting afresh"))
+        manager.delete(s)
+    return chosen
