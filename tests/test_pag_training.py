@@ -1,4 +1,4 @@
-"""PAG on the shared trainer: the toy 2-D experiment's qualitative result, exact resume, 1 vs 8 devices,
+"""PAG on the shared trainer: the toy 2-D experiment's result over seeds, exact resume, 1 vs 8 devices,
 precomputed targets (the `targets` command's .npz and TFRecord shards) and bad input."""
 
 import os
@@ -12,6 +12,7 @@ from advalign_jax.config import load_config
 from advalign_jax.errors import AdvalignError, DataError
 from advalign_jax.losses import pag_targets as T
 from advalign_jax.models import load_model
+from advalign_jax.training.seed_sweep import sweep
 from advalign_jax.training.trainer import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -22,19 +23,29 @@ def _leaves(path):
 
 
 def test_toy2d_pag_keeps_its_points_where_vanilla_loses_them(tmp_path):
-    """The toy experiment (configs/pag_toy2d.py, full budget) on a fixed seed: both models classify
-    every test point, targeted L2 PGD at eps 15 flips most of the vanilla model's points and few of
-    the PAG model's (the reference: 35/600 vs 583/600; docs/pag.md has seeds 0-3)."""
-    results = {}
+    """The toy experiment (configs/pag_toy2d.py, the full 100 epochs) over 12 seeds per model, each
+    model's seeds trained in one compiled program (advalign_jax/training/seed_sweep.py; seed s is
+    ``train`` with seed=s, tests/test_seed_sweep.py). One seed's count is a chaotic draw (256 seeds
+    give PAG 108-600 and vanilla 0-510 kept of 600), so the assertions are on medians, with margins
+    measured over 256 seeds: the median of 12 over 21 disjoint groups ranged over PAG 425-591 and
+    vanilla 0-112; resampled, a PAG median below 350 or a vanilla median above 250 has probability
+    about 1e-5. docs/pag.md has the distributions."""
+    seeds = list(range(12))
+    result = {}
     for variant in ("vanilla", "pag"):
-        # One device, as the reference ran it (faster here; test_pag_one_and_eight_devices_agree and the
-        # notebook test cover sharding).
-        config = load_config(f"configs/pag_toy2d.py:{variant}", [f"workdir={tmp_path / variant}", "seed=1",
-                                                                 "num_devices=1"])
-        results[variant] = train(config, **QUIET)
-    assert results["vanilla"]["eval_accuracy"] == 1.0 and results["pag"]["eval_accuracy"] == 1.0
-    assert results["vanilla"]["eval_robust_accuracy"] <= 0.2
-    assert results["pag"]["eval_robust_accuracy"] >= 0.9
+        config = load_config(f"configs/pag_toy2d.py:{variant}", [f"workdir={tmp_path / variant}"])
+        result[variant] = sweep(config, seeds)
+    vanilla, pag = result["vanilla"], result["pag"]
+    assert vanilla["n"] == pag["n"] == 600
+    assert all(vanilla["finite"]) and all(pag["finite"])
+    # both fit the modes (a PAG seed may leave one of the six modes unfitted: 500 of 600)
+    assert np.median(vanilla["clean_correct"]) >= 590 and np.median(pag["clean_correct"]) >= 500
+    # the paper's count (attacked prediction = label) and the evaluator's (also correct clean)
+    for r in (vanilla, pag):
+        assert np.all(r["kept_robust"] <= r["kept_adversarial"])
+    assert np.median(vanilla["kept_adversarial"]) <= 250
+    assert np.median(pag["kept_adversarial"]) >= 350
+    assert np.median(pag["kept_robust"]) >= 350
 
 
 def _digits(tmp_path, name, *overrides):
