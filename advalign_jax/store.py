@@ -33,10 +33,12 @@ import json
 import math
 import os
 import socket
+import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
+from advalign_jax import faults
 from advalign_jax.errors import AdvalignError
 
 
@@ -60,6 +62,29 @@ _ADVICE = {
 }
 
 
+def os_error_in(err: BaseException) -> "OSError | None":
+    """The operating-system error behind an exception: an OSError in its cause chain, or the errno that
+    libraries which re-raise file errors as other types name in their message (orbax/TensorStore write
+    ``[os_error_code='28']``; TensorFlow names the error's text)."""
+    import re  # pylint: disable=import-outside-toplevel
+
+    seen = 0
+    cur = err
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno:
+            return cur
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    text = str(err)
+    match = re.search(r"os_error_code='(\d+)'", text)
+    if match:
+        return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
+    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        if os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    return None
+
+
 def output_error(path: str, err: OSError) -> OutputError:
     """One line for an OSError met while writing ``path``."""
     advice = _ADVICE.get(err.errno, "check the path and rerun")
@@ -76,6 +101,51 @@ def writing(path: str):
         raise
     except OSError as err:
         raise output_error(getattr(err, "filename", None) or path, err) from None
+    except Exception as err:  # TensorFlow's file errors (tf.errors.OpError) carry their own message
+        if type(err).__module__.startswith("tensorflow") and hasattr(err, "message"):
+            raise OutputError(f"cannot write {path}: {str(err.message).splitlines()[0]}; check free space and "
+                              "the path, then rerun") from None
+        raise
+
+
+@contextlib.contextmanager
+def quiet_library_errors(on_failure: Optional[Callable[[], None]] = None):
+    """Silences what libraries' worker threads log or print while a write fails (orbax logs each failed
+    thread through absl and asyncio, and TensorStore's callbacks print to the process's stderr): the
+    caller reports the failure in one line. ``on_failure`` runs (silenced too) before the error goes
+    on, e.g. to join those threads. Everything is restored when the block ends."""
+    import logging  # pylint: disable=import-outside-toplevel
+    import threading  # pylint: disable=import-outside-toplevel
+
+    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "concurrent.futures")]
+    levels = [lg.level for lg in loggers]
+    hook = threading.excepthook
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    threading.excepthook = lambda args: None
+    saved_fd = None
+    try:
+        sys.stderr.flush()
+        saved_fd = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):  # no real stderr descriptor: logging is silenced anyway
+        saved_fd = None
+    try:
+        yield
+    except BaseException:
+        if on_failure is not None:
+            with contextlib.suppress(Exception):
+                on_failure()
+        raise
+    finally:
+        if saved_fd is not None:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        threading.excepthook = hook
 
 
 def make_dirs(path: str) -> None:
@@ -177,8 +247,17 @@ class WorkdirLock:
 
         make_dirs(workdir)
         self.path = os.path.join(workdir, ".lock")
-        with writing(self.path):
+        self._fd = None
+        try:
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise output_error(self.path, err) from None
+            # A read-only workdir: a finished run may still be reopened (it writes nothing); lock the
+            # existing file read-only, or go without where there is none (nothing can be written).
+            if not os.path.exists(self.path):
+                return
+            self._fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
@@ -189,7 +268,7 @@ class WorkdirLock:
             os.close(self._fd)
             raise WorkdirBusy(f"{workdir} is in use by another run ({holder}); wait for it to finish or "
                               f"use another {what}") from None
-        with contextlib.suppress(OSError):  # a full disk must not stop a run that can still resume
+        with contextlib.suppress(OSError):  # a full or read-only disk must not stop a run that can resume
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, f"PID {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
 
@@ -271,7 +350,12 @@ class RowFile:
             with open(self.path, "ab") as f:
                 start = f.tell()
                 try:
-                    f.write(text.encode())
+                    data = text.encode()
+                    if faults.reached("rows.torn"):  # a write cut short, for the crash tests
+                        f.write(data[:len(data) // 2 + 1])
+                        f.flush()
+                        faults.die()
+                    f.write(data)
                     f.flush()
                     os.fsync(f.fileno())
                 except OSError:
@@ -282,6 +366,7 @@ class RowFile:
             raise output_error(self.path, err) from None
         for f in formatted:
             self.rows[f[self.key]] = f
+        faults.crash_point("rows.appended")
 
 
 def _ok(validate, row) -> bool:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+from advalign_jax import store
 from advalign_jax.errors import AdvalignError, ConfigError
 
 DEFAULT_SYNTH_CONFIG = "configs/synthetic_clickme.py:train"
@@ -68,15 +69,14 @@ def run_synth(args: argparse.Namespace) -> int:
         image, heatmap, label = synthetic.make_example(i, spec)
         return records.encode_example(image, heatmap, label, config.encoding, config.jpeg_quality)
 
+    if "://" not in args.out:
+        store.make_dirs(args.out)
     paths = writer.write_shards(args.out, config.prefix, config.num_shards, config.num_images, example,
                                 overwrite=args.overwrite,
                                 progress=lambda it: tqdm(it, desc="synth", unit="img", file=sys.stderr))
     meta = {"config": config.to_dict(), "shards": [os.path.basename(p) for p in paths],
             "classes": list(synthetic.SHAPES[:config.num_classes])}
-    meta_path = os.path.join(args.out, f"{config.prefix}.json")
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    store.atomic_write_json(os.path.join(args.out, f"{config.prefix}.json"), meta)
     print(f"wrote {config.num_images} {config.encoding} records ({config.size}x{config.size}, "
           f"{config.num_classes} classes) to {len(paths)} shard(s) in {args.out}")
     for p in paths:
@@ -103,6 +103,5 @@ def run_inspect(args: argparse.Namespace) -> int:
                    "heatmap_shapes": {str(k): v for k, v in report.heatmap_shapes.items()},
                    "labels": {str(k): v for k, v in sorted(report.labels.items())},
                    "zero_maps": report.zero_maps, "damaged": report.damaged}
-        with open(args.json_out, "w") as f:
-            json.dump(payload, f, indent=1)
+        store.atomic_write_json(args.json_out, payload)
     return 0

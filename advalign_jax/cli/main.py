@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -27,10 +28,34 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adversarial robustness and human alignment of vision models, in JAX.",
         epilog="Config-driven commands take --config FILE.py[:ARG] and overrides --config.KEY=VALUE.")
     parser.add_argument("--version", action="version", version=f"advalign-jax {__version__}")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not reuse compiled programs across runs (JAX's persistent compilation cache in "
+                             "$ADVALIGN_JAX_CACHE_DIR, default ~/.cache/advalign_jax/xla)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
     return parser
+
+
+def compile_cache_dir() -> str:
+    return os.environ.get("ADVALIGN_JAX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "advalign_jax", "xla")
+
+
+def enable_compile_cache() -> None:
+    """Reuses compiled XLA programs across runs: JAX's persistent compilation cache in
+    :func:`compile_cache_dir` (every program, however quick to compile; keyed by JAX on the program,
+    the compiler options and the device). An unusable directory only turns the cache off."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    path = compile_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -43,6 +68,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return 2
         args.config_overrides = overrides
+        if not args.no_compile_cache and os.environ.get("ADVALIGN_JAX_NO_COMPILE_CACHE", "") in ("", "0"):
+            enable_compile_cache()
         if overrides and not hasattr(args, "config"):
             raise AdvalignError(f"this command takes no config; unexpected --config.{overrides[0]}")
         return int(args.func(args) or 0)

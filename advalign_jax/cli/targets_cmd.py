@@ -13,6 +13,8 @@ import glob
 import json
 import os
 
+from advalign_jax import store
+
 METHODS = ("one_image", "class_mean", "nearest_neighbour")
 
 
@@ -81,13 +83,22 @@ def run_targets(args: argparse.Namespace) -> int:
     progress = (lambda it: it) if args.no_progress else (lambda it: tqdm(it, desc="targets", unit="batch"))
     kw = dict(seed=args.seed, nn_sample_size=args.nn_sample_size, class_mean_scale=args.class_mean_scale)
     if args.shards <= 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        if os.path.isdir(args.out):
+            raise store.OutputError(f"cannot write {args.out}: it is a directory; name a .npz or .npy file")
+        store.make_dirs(os.path.dirname(os.path.abspath(args.out)))
         targets = compute_targets(args.method, images, labels, num_classes, progress=progress, **kw)
-        T.save_targets(args.out, images, targets, labels)
+        tmp = f"{args.out}.tmp-{os.getpid()}{os.path.splitext(args.out)[1]}"
+        try:  # written beside, then renamed: a full disk leaves no half file
+            T.save_targets(tmp, images, targets, labels)
+            os.replace(tmp, args.out)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise store.output_error(args.out, err) from None
         written = [args.out]
     else:
         # Shard s holds images s, s + S, s + 2S, ...; finished shards are kept, so a rerun resumes.
-        os.makedirs(args.out, exist_ok=True)
+        store.make_dirs(args.out)
         meta = {"source": args.source, "split": args.split, "limit": args.limit, "method": args.method,
                 "num_classes": num_classes, "shards": args.shards, **kw}
         meta_path = os.path.join(args.out, "targets.json")
@@ -98,8 +109,7 @@ def run_targets(args: argparse.Namespace) -> int:
                 diff = sorted(k for k in meta if old.get(k) != meta[k])
                 raise ConfigError(f"{args.out} holds targets made with other settings ({', '.join(diff)}); "
                                   f"choose another --out")
-        with open(meta_path, "w") as f:
-            json.dump(meta, f, indent=1)
+        store.atomic_write_json(meta_path, meta)
         written = []
         if args.method == "nearest_neighbour":  # the whole set is the sample set; shards only split queries
             bank = T.nearest_neighbour_bank(images, labels, num_classes, args.nn_sample_size or None, args.seed)
@@ -116,9 +126,10 @@ def run_targets(args: argparse.Namespace) -> int:
             else:
                 targets = np.asarray(T.representative_targets(images[idx], reps), np.float32)
             tmp_dir = os.path.join(args.out, f".shard-{s}")
-            T.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
-            os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
-            os.rmdir(tmp_dir)
+            with store.writing(path):
+                T.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
+                os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
+                os.rmdir(tmp_dir)
     print(json.dumps({"written": written, "images": int(len(images)), "num_classes": num_classes,
                       "method": args.method}, indent=1))
     return 0

@@ -15,6 +15,7 @@ import numpy as np
 from advalign_jax.data import records
 from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import DataError
+from advalign_jax.store import OutputError, output_error
 
 
 def shard_paths(out_dir: str, prefix: str, num_shards: int) -> list[str]:
@@ -38,22 +39,34 @@ def write_shards(out_dir: str, prefix: str, num_shards: int, num_records: int,
     existing = [p for p in paths if tf.io.gfile.exists(p)]
     if existing and not overwrite:
         raise DataError(f"{existing[0]} already exists (pass --overwrite to replace it)")
-    tf.io.gfile.makedirs(out_dir)
     tmp = [f"{p}.tmp-{os.getpid()}" for p in paths]
-    writers = [tf.io.TFRecordWriter(t) for t in tmp]
+    writers = []
     try:
+        tf.io.gfile.makedirs(out_dir)
+        writers = [tf.io.TFRecordWriter(t) for t in tmp]
         for i in progress(range(num_records)):
             writers[i % num_shards].write(example_fn(i))
         for w in writers:
             w.close()
         for t, p in zip(tmp, paths):
             tf.io.gfile.rename(t, p, overwrite=True)
-    except BaseException:
+    except BaseException as err:
         for w in writers:
-            w.close()
+            try:
+                w.close()
+            except tf.errors.OpError:
+                pass
         for t in tmp:
-            if tf.io.gfile.exists(t):
-                tf.io.gfile.remove(t)
+            try:
+                if tf.io.gfile.exists(t):
+                    tf.io.gfile.remove(t)
+            except tf.errors.OpError:
+                pass
+        if isinstance(err, tf.errors.OpError):  # full disk, read-only or not a directory
+            raise OutputError(f"cannot write shards into {out_dir}: {str(err.message).splitlines()[0]}; no shard "
+                              "was written (check free space and the path, then rerun)") from None
+        if isinstance(err, OSError):
+            raise output_error(out_dir, err) from None
         raise
     return paths
 

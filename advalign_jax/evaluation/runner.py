@@ -172,18 +172,17 @@ def run(config, task: Task, progress: bool = True, log=None) -> list[dict]:
 
     record = store.RunRecord(workdir, config, task.result_keys)
     files = {}
-    lock = None
-    if writer:
-        lock = store.WorkdirLock(workdir)
-        store.make_dirs(os.path.join(workdir, "per_image"))
-        validate = store.numeric_row(task.per_image_columns, task.text_columns)
-        for spec, *_ in loaded:
-            files[spec.name] = store.RowFile(os.path.join(workdir, "per_image", f"{spec.name}.csv"),
-                                             task.per_image_columns, key="img", validate=validate, log=log)
-        record.check(has_results=any(f.rows for f in files.values()))
-        record.check_models({spec.name: {"path": spec.path, "fingerprint": fp} for spec, _, _, fp in loaded},
-                            lambda name: bool(files[name].rows))
+    lock = store.WorkdirLock(workdir) if writer else None
     try:
+        if writer:
+            store.make_dirs(os.path.join(workdir, "per_image"))
+            validate = store.numeric_row(task.per_image_columns, task.text_columns)
+            for spec, *_ in loaded:
+                files[spec.name] = store.RowFile(os.path.join(workdir, "per_image", f"{spec.name}.csv"),
+                                                 task.per_image_columns, key="img", validate=validate, log=log)
+            record.check(has_results=any(f.rows for f in files.values()))
+            record.check_models({spec.name: {"path": spec.path, "fingerprint": fp} for spec, _, _, fp in loaded},
+                                lambda name: bool(files[name].rows))
         summary = [_run_model(config, task, mesh, spec, model, variables, fp, files.get(spec.name), record,
                               reader_cfg, per_process, global_batch, limit, progress, writer, specs)
                    for spec, model, variables, fp in loaded]

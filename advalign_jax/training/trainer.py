@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from advalign_jax import parallel, store
+from advalign_jax import faults, parallel, store
 from advalign_jax.errors import AdvalignError, ConfigError
 from advalign_jax.training import objectives, optim
 
@@ -91,10 +91,7 @@ class MetricsLog:
             self.columns = list(csv.DictReader(io.StringIO(whole)).fieldnames or ["step"])
             if len(keep) != len(rows) or len(whole) != len(data):
                 store.write_csv(self.path, self.columns, keep)
-        from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
-        tf = import_tf()
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
+        self.writer = EventFile(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -110,13 +107,7 @@ class MetricsLog:
                 f.write(store.csv_text([[row.get(c, "") for c in self.columns]]))
                 f.flush()
                 os.fsync(f.fileno())
-        from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
-        tf = import_tf()
-        with self.writer.as_default(step=step):
-            for k, v in values.items():
-                tf.summary.scalar(k, v)
-        self.writer.flush()
+        self.writer.scalars(step, values)
 
     def last_values(self) -> dict:
         rows = store.read_csv(self.path) if self.enabled else []
@@ -124,6 +115,38 @@ class MetricsLog:
         for r in rows:
             out.update({k: float(v) for k, v in r.items() if k != "step" and v not in ("", None)})
         return out
+
+
+class EventFile:
+    """A TensorBoard event file of scalars, written with TensorBoard's record format and protos only (no
+    TensorFlow import, so array-data runs start without it): ``events.out.tfevents.TIME.HOST.PID``, one
+    ``Event`` per logged step, flushed."""
+
+    def __init__(self, folder: str):
+        import socket  # pylint: disable=import-outside-toplevel
+
+        from tensorboard.compat.proto import event_pb2  # pylint: disable=import-outside-toplevel
+        from tensorboard.summary.writer.record_writer import RecordWriter  # pylint: disable=import-outside-toplevel
+
+        store.make_dirs(folder)
+        self.path = os.path.join(folder, f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+                                         f"{os.getpid()}")
+        with store.writing(self.path):
+            self._file = open(self.path, "ab")  # pylint: disable=consider-using-with
+            self._records = RecordWriter(self._file)
+            self._records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")
+                                .SerializeToString())
+            self._records.flush()
+
+    def scalars(self, step: int, values: dict) -> None:
+        from tensorboard.compat.proto import event_pb2, summary_pb2  # pylint: disable=import-outside-toplevel
+
+        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=float(v))
+                                             for k, v in values.items()])
+        with store.writing(self.path):
+            self._records.write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary)
+                                .SerializeToString())
+            self._records.flush()
 
 
 def _step_of(row: dict):
@@ -319,7 +342,7 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
     try:
         manager = _manager(workdir, config)
     except Exception as err:  # pylint: disable=broad-except
-        os_err = _os_error_in(err)
+        os_err = store.os_error_in(err)
         if os_err is None:
             raise
         raise store.output_error(os.path.join(workdir, "checkpoints"), os_err) from None
@@ -418,28 +441,30 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
         pending = []
         bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.3g}")
 
-    while step < total_steps:
-        if stop_after is not None and ran >= stop_after:
-            break
-        batch = next(train_input)
-        global_batch_arrays = parallel.shard_batch(batch, mesh)
-        state, metrics = update_step(state, global_batch_arrays, context)
-        if one_step_in_flight:
-            jax.block_until_ready(metrics)
-        pending.append(metrics)
-        step += 1
-        ran += 1
-        bar.update(1)
-        if step % int(config.log_every) == 0 or step == total_steps or step % int(config.checkpoint_every) == 0:
-            flush(step)  # checks for a non-finite loss before anything is saved
-        if step % int(config.checkpoint_every) == 0 or step == total_steps:
-            _save(manager, workdir, step, state, meta, train_input)
-            last_good = step
-        if config.eval_every and step % int(config.eval_every) == 0 and step < total_steps:
-            evaluation = _evaluate(config, model, state, mesh)
-            if evaluation:
-                metrics_log.write(step, evaluation)
-    bar.close()
+    try:
+        while step < total_steps:
+            if stop_after is not None and ran >= stop_after:
+                break
+            batch = next(train_input)
+            global_batch_arrays = parallel.shard_batch(batch, mesh)
+            state, metrics = update_step(state, global_batch_arrays, context)
+            if one_step_in_flight:
+                jax.block_until_ready(metrics)
+            pending.append(metrics)
+            step += 1
+            ran += 1
+            bar.update(1)
+            if step % int(config.log_every) == 0 or step == total_steps or step % int(config.checkpoint_every) == 0:
+                flush(step)  # checks for a non-finite loss before anything is saved
+            if step % int(config.checkpoint_every) == 0 or step == total_steps:
+                _save(manager, workdir, step, state, meta, train_input)
+                last_good = step
+            if config.eval_every and step % int(config.eval_every) == 0 and step < total_steps:
+                evaluation = _evaluate(config, model, state, mesh)
+                if evaluation:
+                    metrics_log.write(step, evaluation)
+    finally:
+        bar.close()  # error lines start on a line of their own
     flush(step)
     if step < total_steps:  # interrupted on purpose (stop_after): keep the checkpoint, no export
         if last_good != step:
@@ -535,27 +560,19 @@ def _save(manager, workdir, step, state, meta, train_input) -> None:
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise store.output_error(folder, err) from None
+    faults.crash_point("checkpoint.data_state")
     try:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
-        manager.wait_until_finished()
+        with store.quiet_library_errors(on_failure=manager.close):  # one line says what failed
+            manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)), force=True)
+            manager.wait_until_finished()
     except Exception as err:  # pylint: disable=broad-except
-        os_err = _os_error_in(err)
+        os_err = store.os_error_in(err)
         if os_err is None:
             raise
         raise store.output_error(os.path.join(workdir, "checkpoints"), os_err) from None
+    faults.crash_point("checkpoint.saved")
     _prune_data_states(workdir, manager)
-
-
-def _os_error_in(err: BaseException) -> Optional[OSError]:
-    """The OSError behind an exception (orbax wraps them), if any."""
-    seen = 0
-    while err is not None and seen < 10:
-        if isinstance(err, OSError):
-            return err
-        err = err.__cause__ or err.__context__
-        seen += 1
-    return None
 
 
 def _prune_data_states(workdir: str, manager) -> None:
