@@ -60,6 +60,13 @@ to 1e-9) and, where ``torchattacks`` 3.5.1 is installed, against the authors' co
 (Linf CE, DLR and targeted DLR over 100 iterations: the best point, the returned point and f_max agree
 to about 1e-14 in float64).
 
+**Randomised models** (AutoAttack's ``rand`` version): with ``model_key``, ``logits_fn`` is called as
+``logits_fn(x, key)`` with a fresh key for every forward pass, and ``eot_iter`` draws (20 in
+``rand``) are averaged per step: the gradient is their mean (Expectation over Transformation), while
+the loss and the prediction are those of the last draw, as the original code. Without ``model_key``
+the model is deterministic and one draw is computed, whatever ``eot_iter`` says (the draws would be
+identical).
+
 Every example is independent of its batch mates: its random draws come from ``fold_in(key, index)``
 (``index`` = its position in the dataset, default its position in the batch), its step size, counts
 and checkpoint decisions are its own, and the model must run in inference mode. ``eps`` may be a
@@ -84,6 +91,7 @@ LOSSES = ("ce", "dlr", "dlr-targeted")
 KEEPS = ("first", "last")
 NORMALISE_EPS = 1e-12  # normalise(v) = v / (||v|| + 1e-12), as the original code
 DLR_EPS = 1e-12
+CLEAN_DRAW = 2**31 - 1  # a randomised model's key for the clean prediction (runs use fold_in(model_key, r))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +99,8 @@ class APGDConfig:
     """Everything that defines an APGD attack except the radius (which may differ per example).
 
     ``initial_step`` is relative to eps (2 eps); ``momentum`` is the paper's alpha; ``rho`` the
-    condition-1 threshold. ``n_target_classes`` is used by the ``dlr-targeted`` loss only.
+    condition-1 threshold. ``n_target_classes`` is used by the ``dlr-targeted`` loss only;
+    ``eot_iter`` by randomised models only (module docstring).
     """
 
     norm: str = LINF
@@ -104,6 +113,7 @@ class APGDConfig:
     initial_step: float = 2.0
     keep: str = "last"
     clip: Optional[tuple] = (0.0, 1.0)
+    eot_iter: int = 1
 
     def __post_init__(self):
         if self.norm not in (L2, LINF):
@@ -124,6 +134,8 @@ class APGDConfig:
             raise ValueError(f"momentum must be in (0, 1], got {self.momentum}")
         if self.initial_step <= 0:
             raise ValueError(f"initial_step must be positive, got {self.initial_step}")
+        if self.eot_iter < 1:
+            raise ValueError(f"eot_iter must be at least 1, got {self.eot_iter}")
 
     @property
     def targeted(self) -> bool:
@@ -380,8 +392,10 @@ def halving_decisions(losses, loss0, n_iter: int, rho: float = 0.75):
 # ----------------------------------------------------------------------------------------------------
 
 
-def apgd_run(logits_fn: Callable, x0, y, eps, x_start, cfg: APGDConfig, target=None, trace: bool = False) -> dict:
-    """One APGD run from the given start ``x_start`` (already in the feasible set).
+def apgd_run(logits_fn: Callable, x0, y, eps, x_start, cfg: APGDConfig, target=None, trace: bool = False,
+             model_key=None) -> dict:
+    """One APGD run from the given start ``x_start`` (already in the feasible set); ``model_key``: the
+    model is randomised, ``logits_fn(x, key)`` (module docstring).
 
     Returns a dict of per-example arrays: ``x_adv`` (the last misclassified iterate, or the first with
     ``keep='first'``; the best-loss iterate where never misclassified), ``success`` (misclassified at some
@@ -395,19 +409,30 @@ def apgd_run(logits_fn: Callable, x0, y, eps, x_start, cfg: APGDConfig, target=N
     expand = (-1,) + (1,) * (x0.ndim - 1)
     dtype = x0.dtype
 
-    def loss_grad(x):
+    def one_draw(x, k):
         def total(z):
-            logits = logits_fn(z)
+            logits = logits_fn(z) if model_key is None else logits_fn(z, k)
             per = apgd_loss(logits, y, cfg.loss, target)
             return jnp.sum(per), (per, logits)  # examples are independent: d total / d x_i = d f_i / d x_i
 
         (_, (per, logits)), g = jax.value_and_grad(total, has_aux=True)(x)
         return per, logits, g
 
+    def loss_grad(x, i):
+        if model_key is None or cfg.eot_iter == 1:
+            return one_draw(x, None if model_key is None else jax.random.fold_in(model_key, i))
+
+        def draw(g_sum, j):
+            per, logits, g = one_draw(x, jax.random.fold_in(jax.random.fold_in(model_key, i), j))
+            return g_sum + g, (per, logits)
+
+        g_sum, (pers, logitss) = jax.lax.scan(draw, jnp.zeros_like(x), jnp.arange(cfg.eot_iter))
+        return pers[-1], logitss[-1], g_sum / cfg.eot_iter  # the last draw's loss and logits, as the code
+
     def sel(mask, a, b):
         return jnp.where(mask.reshape(expand), a, b)
 
-    loss0, logits0, g0 = loss_grad(x_start)
+    loss0, logits0, g0 = loss_grad(x_start, 0)
     fooled0 = jnp.argmax(logits0, axis=1) != y
     step0 = jnp.asarray(cfg.initial_step, dtype) * eps_b
     init = dict(x=x_start, x_prev=x_start, g=g0, step=step0, x_best=x_start, g_best=g0, x_adv=x_start,
@@ -418,7 +443,7 @@ def apgd_run(logits_fn: Callable, x0, y, eps, x_start, cfg: APGDConfig, target=N
         i, check, thr = xs
         a = jnp.where(i == 0, jnp.asarray(1.0, dtype), jnp.asarray(cfg.momentum, dtype))
         x_new = apgd_step(c["x"], c["x_prev"], c["g"], c["step"], x0, eps_b, a, cfg.norm, cfg.clip)
-        loss, logits, g = loss_grad(x_new)
+        loss, logits, g = loss_grad(x_new, i + 1)
         wrong = jnp.argmax(logits, axis=1) != y
         take = wrong if cfg.keep == "last" else jnp.logical_and(wrong, jnp.logical_not(c["fooled"]))
         # the code compares f(x(1)) with its zero history except when N = 1 (then with itself)
@@ -453,7 +478,7 @@ def run_starts(key, x, eps, cfg: APGDConfig, index=None):
 
 
 def apgd(logits_fn: Callable, x, y, eps, cfg: APGDConfig = APGD_CE, key=None, index=None, mask=None,
-         targets=None):
+         targets=None, model_key=None):
     """Runs APGD (all restarts, and all targets for ``dlr-targeted``); returns ``(x_adv, success)``.
 
     ``logits_fn`` maps a batch to logits (inference mode); ``y`` the true labels; ``eps`` a scalar or
@@ -462,8 +487,9 @@ def apgd(logits_fn: Callable, x, y, eps, cfg: APGDConfig = APGD_CE, key=None, in
     dataset positions to make results independent of batching); ``mask`` (N,) bool: the examples to
     attack (default all); ``targets`` (N,) or (N, T) ints: the target classes of ``dlr-targeted``, one
     run (times ``n_restarts``) per column, instead of the top ``n_target_classes``
-    (:func:`top_targets`). ``success``: misclassified at ``x_adv``. Examples outside ``mask`` or
-    already misclassified are returned unchanged. Wrap in ``jax.jit`` (``cfg`` static) to compile.
+    (:func:`top_targets`); ``model_key``: the model is randomised, ``logits_fn(x, key)`` (module
+    docstring). ``success``: misclassified at ``x_adv``. Examples outside ``mask`` or already
+    misclassified are returned unchanged. Wrap in ``jax.jit`` (``cfg`` static) to compile.
     """
     x = jnp.asarray(x)
     y = jnp.asarray(y)
@@ -473,7 +499,10 @@ def apgd(logits_fn: Callable, x, y, eps, cfg: APGDConfig = APGD_CE, key=None, in
     index = jnp.arange(n) if index is None else jnp.asarray(index)
     mask = jnp.ones(n, bool) if mask is None else jnp.asarray(mask, bool)
     expand = (-1,) + (1,) * (x.ndim - 1)
-    clean_logits = logits_fn(x)
+    if model_key is None:
+        clean_logits = logits_fn(x)
+    else:
+        clean_logits = logits_fn(x, jax.random.fold_in(model_key, CLEAN_DRAW))
     wrong0 = jnp.argmax(clean_logits, axis=1) != y
     to_attack = jnp.logical_and(mask, jnp.logical_not(wrong0))
     n_runs = cfg.n_runs
@@ -494,7 +523,8 @@ def apgd(logits_fn: Callable, x, y, eps, cfg: APGDConfig = APGD_CE, key=None, in
         def attack(_):
             target = jnp.take(targets, r // cfg.n_restarts, axis=1) if cfg.targeted else None
             start = random_start(jax.random.fold_in(key, r), x, eps_b, cfg.norm, index, cfg.clip)
-            res = apgd_run(logits_fn, x, y, eps_b, start, cfg, target)
+            res = apgd_run(logits_fn, x, y, eps_b, start, cfg, target,
+                           model_key=None if model_key is None else jax.random.fold_in(model_key, r))
             fooled = jnp.logical_and(active, res["success"])
             better = jnp.logical_and(jnp.logical_and(active, jnp.logical_not(res["success"])),
                                      res["loss_best"] > best_loss)
