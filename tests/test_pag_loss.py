@@ -403,3 +403,73 @@ def test_bad_arguments():
         P.pag_loss(apply_fn, {}, x, y, targets, P.PAGConfig(num_targets=2))
     with pytest.raises(ValueError, match="x_ce"):
         P.pag_loss(apply_fn, {}, x, y, targets, P.PAGConfig(), x_ce=x)
+
+
+class _Recording:
+    """A model whose training-mode passes record the images they see (``jax.debug.callback``)."""
+
+    def __init__(self, model):
+        self.model, self.seen = model, []
+
+    def apply_train(self, variables, images, rng=None):
+        jax.debug.callback(lambda a: self.seen.append(np.asarray(a)), images)
+        return self.model.apply_train(variables, images, rng=rng)
+
+
+def _the_one_draw(x, seen, padding):
+    """The single (offsets, flip) of crop_flip that maps every image of ``x`` to ``seen``, or None."""
+    found = [((i, j), f) for i in range(2 * padding + 1) for j in range(2 * padding + 1) for f in (False, True)
+             if np.array_equal(np.asarray(P.crop_flip(jnp.asarray(x), (i, j), f, padding, 0.5)), seen)]
+    return found[0] if len(found) == 1 else None
+
+
+def test_official_semantics_objective_is_the_official_step():
+    """The PAG objective with the official semantics (configs/pag_cifar10_*.py:official: objective
+    semantics 'replicated', per_example_augment False): the cross-entropy pass sees the batch under ONE
+    crop and flip, the alignment pass sees the K-fold replicated batch under ONE other draw, and loss,
+    parameter gradient and BatchNorm statistics equal the PyTorch version of the official step given
+    those two draws."""
+    from advalign_jax.training.config_blocks import objective_block
+    from advalign_jax.training.objectives import pag as objective
+
+    tm, model, variables = make_pair(use_bn=True, act="relu", seed=4)
+    x, y, targets = make_data(6)
+    cfg = objective_block("pag", pag_weight=15.0, reduction="mean", num_targets=0, semantics="replicated",
+                          target_source="precomputed", augment_padding=2, augment_fill=0.5,
+                          per_example_augment=False)
+    batch = {"image": jnp.asarray(x), "label": jnp.asarray(y), "targets": jnp.asarray(targets),
+             "index": jnp.arange(N), "step": jnp.int32(0)}
+    state = {"batch_stats": variables["batch_stats"]}
+    rng = jax.random.PRNGKey(11)
+    recording = _Recording(model)
+    objective.loss(recording, variables["params"], state, batch, rng, cfg)
+    jax.effects_barrier()
+    ce_seen, pag_seen = recording.seen
+    assert ce_seen.shape == x.shape and pag_seen.shape == (N * C,) + x.shape[1:]
+    draw_ce = _the_one_draw(x, ce_seen, 2)
+    draw_pag = _the_one_draw(np.repeat(x, C, axis=0), pag_seen, 2)
+    assert draw_ce is not None and draw_pag is not None and draw_ce != draw_pag
+
+    def aug(draw):
+        (top, left), flip = draw
+        return lambda t: tref.crop_flip(t, top, left, flip, padding=2, fill=0.5)
+
+    t_val, _ = run_torch(tm, x, y, targets, np.tile(np.arange(C), (N, 1)), 1.5, aug(draw_ce), aug(draw_pag))
+
+    def loss(params):
+        return objective.loss(model, params, state, batch, rng, cfg)
+
+    (j_val, (new_state, _)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+    assert abs(float(j_val) - t_val) / abs(t_val) < 1e-5, (float(j_val), t_val)
+    assert_same_grads(grads, torch_grads(tm, True))
+    for name in ("bn1", "bn2"):  # running means updated by both passes, as the official step does
+        m0 = variables["batch_stats"][name]["mean"]
+        assert _rel(new_state["batch_stats"][name]["mean"], _np(getattr(tm, name).running_mean)) < 1e-5
+        assert _rel(new_state["batch_stats"][name]["mean"], m0) > 1e-3
+    # ours (the default): one pass, one draw per image, shared by both terms
+    ours = objective_block("pag", pag_weight=15.0, num_targets=0, target_source="precomputed", augment_padding=2,
+                           augment_fill=0.5)
+    recording = _Recording(model)
+    objective.loss(recording, variables["params"], state, batch, rng, ours)
+    jax.effects_barrier()
+    assert len(recording.seen) == 1 and _the_one_draw(x, recording.seen[0], 2) is None

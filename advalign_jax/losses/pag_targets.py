@@ -436,6 +436,36 @@ def _load_array(path: str, what: str):
     raise DataError(f"{path}: {what} are read from .npy, .npz or .pt files")
 
 
+def load_labels(path: str) -> np.ndarray:
+    """Labels from a .npy, .npz (``labels`` or ``data``) or .pt file (the official ``c10_sbg_label.pt``),
+    as a 1-D int32 array."""
+    data, _, labels = _load_array(path, "labels")
+    arr = np.asarray(labels if labels is not None else data)
+    if arr.ndim != 1 and not (arr.ndim == 2 and 1 in arr.shape):
+        raise DataError(f"{path}: labels must be a 1-D array, got shape {arr.shape}")
+    return arr.reshape(-1).astype(np.int32)
+
+
+# Two images are the same image when no value differs by more than this, in [0, 1] units: room for a
+# range conversion's float32 rounding (about 1e-7), far below one 8-bit grey level (1/255).
+SAME_IMAGE_ATOL = 1e-5
+
+
+def first_differing_image(a, b, atol: float = SAME_IMAGE_ATOL, chunk: int = 1024):
+    """``(i, max |a_i - b_i|)`` for the first index i where images ``a`` and ``b`` (same shape (N, ...))
+    differ by more than ``atol`` anywhere, else None (in chunks, so memory-mapped files stay on disk)."""
+    if np.shape(a) != np.shape(b):
+        raise ValueError(f"images of shapes {np.shape(a)} and {np.shape(b)} cannot be compared")
+    n = np.shape(a)[0]
+    for start in range(0, n, chunk):
+        d = np.abs(np.asarray(a[start:start + chunk], np.float32) - np.asarray(b[start:start + chunk], np.float32))
+        worst = d.reshape(d.shape[0], -1).max(axis=1) if d.size else np.zeros(len(d))
+        bad = np.flatnonzero(~(worst <= atol))  # NaN counts as different
+        if bad.size:
+            return start + int(bad[0]), float(worst[bad[0]])
+    return None
+
+
 def load_targets(path: str, layout: str = AUTO, num_classes: Optional[int] = None,
                  image_shape: Optional[Sequence[int]] = None, labels=None,
                  labels_path: Optional[str] = None) -> TargetSet:

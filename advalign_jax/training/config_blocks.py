@@ -40,6 +40,11 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.nn_chunk_size = 256
     block.class_mean_scale = 0.0  # 0: automatic
     block.targets_file = ""
+    # precomputed targets: 'verify' (train on the data split; its image i must be the file's image i) or
+    # 'file' (train on the file's own images and labels, as the official code does)
+    block.targets_images = "verify"
+    block.targets_labels_file = ""  # labels for targets_images='file' when the file holds none (.npy/.npz/.pt)
+    block.targets_image_range = "0_1"  # the range of the file's images: '0_1' or '-1_1' (the official files)
     block.warm_steps = 0  # steps at warm_weight before pag_weight applies (0: none)
     block.warm_weight = 0.0
     block.augment_padding = 0  # crop with padding (and flip) inside the loss; 0: no augmentation
@@ -126,3 +131,41 @@ def eval_attack_block(**overrides) -> ml_collections.ConfigDict:
     for k, v in overrides.items():
         block[k] = v
     return block
+
+
+def pag_official_semantics(c: ml_collections.ConfigDict, epochs: int = 100) -> ml_collections.ConfigDict:
+    """Turns a PAG CIFAR recipe into what the official code does (``royg27/PAG-ROB``
+    ``TRAIN_CIFAR10.py``), in place:
+
+    - a second, training-mode forward pass over the batch replicated K times for the alignment term
+      (``objective.semantics='replicated'``; BatchNorm statistics updated twice per step);
+    - one random crop and one flip for the whole batch (torchvision's transforms on a 4-D tensor), drawn
+      afresh for the cross-entropy pass and for the alignment pass (``per_example_augment=False``);
+    - the learning-rate steps at the 1-indexed epochs 50, 75 and 100 of its ``adjust_learning_rate``
+      (:func:`advalign_jax.training.optim.official_pag_boundaries`: epochs 49, 74, 99 counted from 0,
+      so the last epoch runs at 1e-5);
+    - with precomputed targets, training on the target file's own images and labels
+      (``targets_images='file'``; the official files hold [-1, 1] images, ``targets_image_range``).
+    """
+    from advalign_jax.training.optim import official_pag_boundaries  # pylint: disable=import-outside-toplevel
+
+    c.objective.semantics = "replicated"
+    c.objective.per_example_augment = False
+    c.schedule.boundaries = official_pag_boundaries(epochs)
+    c.schedule.factors = (0.1, 0.01, 0.001)
+    if c.objective.target_source == "precomputed":
+        c.objective.targets_images = "file"
+        c.objective.targets_image_range = "-1_1"
+        c.objective.targets_file = "data/c10_sbg_data.pt"  # the official paths
+        c.objective.targets_labels_file = "data/c10_sbg_label.pt"
+    return c
+
+
+def official_variant(arg: str) -> tuple:
+    """``'official'`` -> ``('sbg', True)`` (the official run: score-based targets); ``'nn_official'`` ->
+    ``('nn', True)``; any other variant -> ``(arg, False)``."""
+    if arg == "official":
+        return "sbg", True
+    if arg.endswith("_official"):
+        return arg[:-len("_official")], True
+    return arg, False

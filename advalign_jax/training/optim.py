@@ -2,7 +2,10 @@
 
 - ``warmup_step``: linear warm-up from 0 over ``warmup_epochs``, then the base rate multiplied by
   ``factors[i]`` from epoch ``boundaries[i]`` on (the harmonization recipe: warm-up 5 epochs, x0.1 at
-  30, x0.01 at 60, x0.001 at 80; PAG: no warm-up, x0.1 at 50, x0.01 at 75, x0.001 at 100);
+  30, x0.01 at 60, x0.001 at 80; PAG: no warm-up, x0.1 at 50, x0.01 at 75, x0.001 at 100; the official
+  PAG code's steps, :func:`official_pag_boundaries`, fall one epoch earlier). Epochs count from 0:
+  epoch k is steps ``[k * steps_per_epoch, (k + 1) * steps_per_epoch)``, and a boundary b applies
+  from step ``round(b * steps_per_epoch)`` on;
 - ``cosine``: linear warm-up then cosine decay to ``end_factor`` of the base rate;
 - ``constant``.
 
@@ -13,6 +16,7 @@ recipe instead puts an L2 term in the loss (see ``objectives``).
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -63,6 +67,24 @@ def schedule(cfg, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
     if warmup <= 0:
         return main
     return optax.join_schedules([optax.linear_schedule(0.0, base, warmup), main], [warmup])
+
+
+def official_pag_boundaries(epochs: int = 100) -> tuple:
+    """The epochs (counted from 0) at which the official PAG code steps its learning rate.
+
+    ``royg27/PAG-ROB`` ``TRAIN_CIFAR10.py``, ``adjust_learning_rate(optimizer, epoch)``, called before
+    each epoch with the 1-indexed ``epoch = 1..E``: the rate is ``lr`` times 0.1 if ``epoch >= 0.5 E``,
+    0.01 if ``epoch >= 0.75 E``, 0.001 if ``epoch >= E``. Epoch e (1-indexed) is epoch ``e - 1`` here,
+    so the steps fall at ``ceil(0.5 E) - 1``, ``ceil(0.75 E) - 1`` and ``E - 1``: (49, 74, 99) for
+    E = 100, i.e. 49 epochs at 0.01, 25 at 1e-3, 25 at 1e-4 and the last at 1e-5 (with the factors
+    (0.1, 0.01, 0.001))."""
+    e = int(epochs)
+    return (float(math.ceil(0.5 * e) - 1), float(math.ceil(0.75 * e) - 1), float(e - 1))
+
+
+def epoch_learning_rates(lr: optax.Schedule, steps_per_epoch: int, epochs: int) -> list:
+    """``[(rate at the first step of epoch k, rate at its last step) for k in 0..epochs-1]``."""
+    return [(float(lr(k * steps_per_epoch)), float(lr((k + 1) * steps_per_epoch - 1))) for k in range(int(epochs))]
 
 
 def optimizer(cfg, lr: optax.Schedule, params) -> optax.GradientTransformation:
