@@ -1,5 +1,5 @@
-"""Robust accuracy (``advalign-jax evaluate-robust``): clean, PGD-20 and APGD-CE + APGD-T (the
-white-box part of AutoAttack "standard") under L2 and Linf, at RobustBench's radii.
+"""Robust accuracy (``advalign-jax evaluate-robust``): clean, PGD-20, and AutoAttack "standard" (APGD-CE,
+APGD-T, FAB-T, Square) under L2 and Linf, at RobustBench's radii.
 
 Command (a model directory written by ``advalign-jax train`` or ``advalign-jax convert``, e.g. the
 export of ``configs/pag_cifar10_resnet18.py``; CIFAR-10 prepared once with ``tfds build cifar10
@@ -9,29 +9,42 @@ export of ``configs/pag_cifar10_resnet18.py``; CIFAR-10 prepared once with ``tfd
         --config.model_dir=results/pag_cifar10_cifar_resnet18_nn/model --config.workdir=results/robust_pag
 
 Expected result: ``summary.csv`` with the clean accuracy and, per attack (``pgd-l2``, ``pgd-linf``,
-``apgd-l2``, ``apgd-linf``), the robust accuracy (for the APGD attacks also after APGD-CE alone), plus
-``all``: robust under every attack; ``per_example.csv`` with one row per test image. Reference points
-on CIFAR-10 with AutoAttack (``../shared/spec/pag.md``): an undefended model 94.78% clean, 0.0% robust
-under both norms; the PAG paper's score-based-target models 50.87% / 15.97% (L2 0.5 / Linf 8/255) at
-lambda 1 and 55.39% / 23.97% at lambda 2. Our APGD stages leave out FAB-T and Square, so their robust
-accuracy is an upper bound on AutoAttack's (close to it on models that do not mask gradients). Cost
-per image and norm: 20 PGD steps, then at most 100 APGD-CE and 9 x 100 APGD-T gradient evaluations
-(a run stops early once every image of its batch is flipped), so a full 10,000-image run with a
+``autoattack-l2``, ``autoattack-linf``), the robust accuracy, for AutoAttack also after each of its four
+stages and the time each took, plus ``all``: robust under every attack, and a ``checks`` column naming
+AutoAttack's sanity checks that fired (also logged as warnings: a randomised model, outputs that look
+like probabilities, inputs outside [0, 1], fewer classes than targets, points with a zero gradient,
+Square breaking points the gradient-based attacks missed, later attacks breaking points far inside the
+radius); ``per_example.csv`` with one row per test image. AutoAttack "standard" is the figure
+RobustBench reports and papers compare; reference points on CIFAR-10 (``../shared/spec/pag.md``): an
+undefended model 94.78% clean, 0.0% robust under both norms; the PAG paper's score-based-target models
+50.87% / 15.97% (L2 0.5 / Linf 8/255) at lambda 1 and 55.39% / 23.97% at lambda 2. Cost per image and
+norm: 20 PGD steps, then 100 APGD-CE and 9 x 100 APGD-T gradient evaluations, 9 x 100 FAB-T gradient
+and forward evaluations and up to 5,000 Square forward passes, each stage on the points still robust
+only (a Square run stops once every point of its chunk is broken); a full 10,000-image run with a
 ResNet-18 is a GPU job. Set ``max_examples`` for a quick look and raise it later in the same workdir to
 extend the run; an interrupted run resumes when rerun. Not measured here (no CIFAR-10 on the
 development machine); the runlocal variant is what the tests run.
 
 Variants (``:ARG``):
   cifar10     the default: the 10,000 CIFAR-10 test images (``tfds:cifar10``).
-  cifar100    the CIFAR-100 test images (APGD-T keeps 9 targets, as AutoAttack).
-  runlocal    a tiny run for tests: the first 24 ``digits`` test images (16x16x3), PGD 3 steps, APGD
-              5 iterations and 3 targets; give a model that takes 16x16x3 inputs with
-              ``--config.model_dir``. About 10 s on a 2-core CPU for a small CNN.
+  cifar100    the CIFAR-100 test images (APGD-T and FAB-T keep 9 targets, as AutoAttack).
+  runlocal    a tiny offline run: the embedded demonstration checkpoint
+              (``checkpoints/small_cnn_vanilla``) on the first 16 embedded synthetic ClickMe images
+              (224 px), at eps 0.25/255 (Linf) and 0.2 (L2): small radii, where this undefended model
+              keeps some points (at 1/255 APGD-CE alone breaks nearly all); PGD 3 steps, APGD and FAB 5
+              iterations, 3 targets, Square 100 queries. ``--config.attacks="('autoattack-linf',)"``
+              runs the four AutoAttack stages and writes the per-stage table (75% clean, 43.75%
+              after APGD-CE, 37.5% after APGD-T; under a minute on a 2-core CPU, mostly compilation). The tests
+              run it with their own 16x16 model on ``digits``.
 
-Attacks are ``KIND-NORM`` strings: KIND ``pgd``, ``apgd`` (APGD-CE then APGD-T), ``apgd-ce`` or
-``apgd-t``; NORM ``l2`` or ``linf``. Radii are in units of [0, 1] pixels (every model normalises its
-input itself); use ``--config.clip="()"`` for inputs that are not images (``toy2d``), with PGD or
-APGD-CE only there (APGD-T needs at least 4 classes).
+Attacks are ``KIND-NORM`` strings, NORM ``l2`` or ``linf``; KIND: ``pgd``; ``apgd`` (APGD-CE then
+APGD-T); ``autoattack`` (standard), ``autoattack-plus`` (APGD-CE and APGD-DLR with 5 restarts, FAB with
+5 restarts, Square, APGD-T, FAB-T) or ``autoattack-rand`` (APGD-CE and APGD-DLR averaging 20 draws of a
+randomised model's gradient); or one attack of AutoAttack on its own: ``apgd-ce``, ``apgd-t``,
+``apgd-dlr``, ``fab`` (untargeted), ``fab-t``, ``square``. Radii are in units of [0, 1] pixels (every
+model normalises its input itself); use ``--config.clip="()"`` for inputs that are not images
+(``toy2d``), with PGD or APGD-CE only there (APGD-T needs at least 4 classes, FAB a pixel box, Square
+images).
 """
 
 import ml_collections
@@ -43,11 +56,11 @@ def get_config(arg: str = "cifar10"):
     c.arch = ""  # optional: the architecture the checkpoint must hold
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "tfds:cifar10"  # 'tfds:NAME', 'digits', 'toy2d', 'synthetic'
+    c.data.source = "tfds:cifar10"  # 'tfds:NAME', 'digits', 'toy2d', 'synthetic', 'embedded'
     c.data.split = "test"
     c.data.data_dir = ""  # TFDS data_dir ('' = TFDS's default)
 
-    c.attacks = ("pgd-l2", "pgd-linf", "apgd-l2", "apgd-linf")
+    c.attacks = ("pgd-l2", "pgd-linf", "autoattack-l2", "autoattack-linf")
     c.eps = ml_collections.ConfigDict()
     c.eps.l2 = 0.5  # RobustBench, CIFAR-10
     c.eps.linf = 8 / 255
@@ -61,12 +74,26 @@ def get_config(arg: str = "cifar10"):
     c.apgd = ml_collections.ConfigDict()  # AutoAttack "standard"
     c.apgd.n_iter = 100
     c.apgd.n_restarts = 1
-    c.apgd.n_target_classes = 9
+    c.apgd.n_target_classes = 9  # APGD-T's and FAB-T's targets
+
+    c.fab = ml_collections.ConfigDict()
+    c.fab.n_iter = 100
+    c.fab.n_restarts = 1  # fab-NORM alone (autoattack-plus uses autoattack.plus_restarts)
+
+    c.square = ml_collections.ConfigDict()
+    c.square.n_queries = 5000
+    c.square.p_init = 0.8  # square-NORM alone (AutoAttack's value in the ensembles)
+    c.square.n_restarts = 1
+
+    c.autoattack = ml_collections.ConfigDict()
+    c.autoattack.plus_restarts = 5  # autoattack-plus: restarts of APGD-CE, APGD-DLR and FAB
+    c.autoattack.eot_iter = 20  # autoattack-rand: draws of the model averaged per APGD step
 
     c.max_examples = 0  # the first N examples (0: all); raising it later reuses the rows already computed
     c.clip = (0.0, 1.0)  # the valid input range; () for no clipping
     c.batch_size = 500
-    c.seed = 0  # the random starts (each example draws from its index)
+    c.stage_chunks = 4  # cascade stages attack their survivors in pieces of 1/stage_chunks of a batch
+    c.seed = 0  # the random draws (each example draws from its index)
     c.dtype = "float32"
     c.workdir = "results/robustness"
     c.distributed = False
@@ -78,11 +105,16 @@ def get_config(arg: str = "cifar10"):
         c.data.source = "tfds:cifar100"
         c.workdir = "results/robustness_cifar100"
     elif arg == "runlocal":
-        c.data.source = "digits"
-        c.max_examples = 24
+        c.model_dir = "checkpoints/small_cnn_vanilla"
+        c.data.source = "embedded"
+        c.max_examples = 16
+        c.eps.l2 = 0.2
+        c.eps.linf = 0.25 / 255
         c.pgd.steps = 3
         c.apgd.n_iter = 5
         c.apgd.n_target_classes = 3
+        c.fab.n_iter = 5
+        c.square.n_queries = 100
         c.batch_size = 16
         c.workdir = "results/robustness_runlocal"
     else:

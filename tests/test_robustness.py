@@ -12,8 +12,11 @@ import optax
 import pytest
 
 from advalign_jax import parallel
+from advalign_jax.attacks import autoattack as AA
 from advalign_jax.attacks.apgd import APGDConfig, apgd
+from advalign_jax.attacks.fab import FABConfig
 from advalign_jax.attacks.pgd import PGDConfig, pgd
+from advalign_jax.attacks.square import SquareConfig
 from advalign_jax.cli.main import main
 from advalign_jax.config import load_config
 from advalign_jax.errors import ConfigError, DataError
@@ -62,13 +65,21 @@ def _same_records(a, b):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def _untimed(summary):
+    """A summary without its wall-clock times."""
+    out = dict(summary, attacks={})
+    for name, s in summary["attacks"].items():
+        out["attacks"][name] = {k: v for k, v in s.items() if k not in ("seconds", "stage_seconds")}
+    return out
+
+
 def test_padded_batches_on_eight_devices(setup, one_batch):
     eight = _run(setup, batch_size=8, mesh=parallel.make_mesh(devices=jax.devices()))  # 8 + 8 + 3 (padded)
     assert eight.summary["n"] == N
     np.testing.assert_array_equal(eight.per_example["index"], np.arange(N))
     np.testing.assert_array_equal(eight.per_example["label"], setup[3])
     _same_records(eight.per_example, one_batch.per_example)  # other batch mates, positions, devices
-    assert eight.summary == one_batch.summary
+    assert _untimed(eight.summary) == _untimed(one_batch.summary)
 
 
 def test_records_follow_autoattack_bookkeeping(setup, one_batch):
@@ -178,8 +189,8 @@ def test_presets_and_config():
     assert pag.step_size == pytest.approx(1.5 * 0.5 / 7) and not pag.relative_step
     assert pag.start_radius == pytest.approx(8 / 255) and pag.projection == "ball" and pag.clip == (0.0, 1.0)
     radii = {(a.norm, type(a).__name__): a.eps for a in R.default_attacks()}
-    assert radii == {("l2", "PGDAttack"): 0.5, ("linf", "PGDAttack"): 8 / 255, ("l2", "APGDCascade"): 0.5,
-                     ("linf", "APGDCascade"): 8 / 255}
+    assert radii == {("l2", "PGDAttack"): 0.5, ("linf", "PGDAttack"): 8 / 255, ("l2", "Cascade"): 0.5,
+                     ("linf", "Cascade"): 8 / 255}
     aa = R.autoattack_whitebox("linf")
     (ce_name, ce), (t_name, t) = aa.stages
     assert (ce_name, ce.loss, ce.n_iter, ce.n_restarts, ce.keep) == ("apgd-ce", "ce", 100, 1, "last")
@@ -187,17 +198,30 @@ def test_presets_and_config():
     p = R.pgd_attack("linf", steps=20)
     assert p.config.relative_step and p.config.step_size * p.eps == pytest.approx(2.5 * (8 / 255) / 20)
     assert p.config.use_best and p.config.random_start == "none"
-    # the config file builds the same attacks
+    # the config file builds the same attacks: PGD-20 and AutoAttack "standard" with the authors' budgets
     attacks = R.attacks_from_config(load_config("configs/robustness.py"))
-    assert [a.name for a in attacks] == ["pgd-l2", "pgd-linf", "apgd-l2", "apgd-linf"]
+    assert [a.name for a in attacks] == ["pgd-l2", "pgd-linf", "autoattack-l2", "autoattack-linf"]
     assert attacks[1].config == R.pgd_attack("linf").config and attacks[1].eps == 8 / 255
-    assert attacks[3].stages == R.autoattack_whitebox("linf").stages and attacks[2].eps == 0.5
+    assert attacks[3].stages == AA.version_stages("standard", "linf") and attacks[2].eps == 0.5
+    assert attacks[2].stages == R.autoattack_attack("l2").stages and attacks[2].version == "standard"
+    more = R.attacks_from_config(load_config("configs/robustness.py", [
+        "attacks=('apgd-linf', 'fab-t-linf', 'fab-l2', 'square-l2', 'apgd-dlr-linf', 'autoattack-plus-linf', "
+        "'autoattack-rand-l2')"]))
+    assert more[0].stages == R.autoattack_whitebox("linf").stages
+    assert [[s for s, _ in a.stages] for a in more[1:5]] == [["fab-t"], ["fab"], ["square"], ["apgd-dlr"]]
+    assert more[1].stages[0][1] == FABConfig(norm="linf", targeted=True) and more[3].stages[0][1] == SquareConfig("l2")
+    assert more[5].stages == AA.version_stages("plus", "linf") and more[5].version == "plus"
+    assert more[6].stages == AA.version_stages("rand", "l2") and more[6].version == "rand"
     local = R.attacks_from_config(load_config("configs/robustness.py:runlocal", ["attacks=('apgd-ce-l2',)",
                                                                                  "clip=()"]))
     assert [s for s, _ in local[0].stages] == ["apgd-ce"] and local[0].stages[0][1].clip is None
-    for bad in ("apgd-l1", "fab-linf", "pgd"):
+    budgets = R.attacks_from_config(load_config("configs/robustness.py:runlocal", ["attacks=('autoattack-linf',)"]))
+    assert [(c.n_iter if not isinstance(c, SquareConfig) else c.n_queries) for _, c in budgets[0].stages] == [5, 5, 5, 100]
+    for bad in ("apgd-l1", "fab-x-linf", "pgd", "autoattack-fast-linf"):
         with pytest.raises(ConfigError, match="unknown attack"):
             R.attacks_from_config(load_config("configs/robustness.py", [f"attacks=('{bad}',)"]))
+    with pytest.raises(ConfigError, match="pixel box"):
+        R.attacks_from_config(load_config("configs/robustness.py", ["attacks=('fab-t-linf',)", "clip=()"]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,10 +265,11 @@ def digits_checkpoint(tmp_path_factory):
     return save_model(str(tmp_path_factory.mktemp("robust") / "digits_cnn"), model, variables)
 
 
-def _cli(checkpoint, workdir, *extra):
+def _cli(checkpoint, workdir, *extra, attacks="('pgd-l2', 'apgd-linf')"):
     return main(["evaluate-robust", "--config", "configs/robustness.py:runlocal", "--no-progress",
-                 f"--config.model_dir={checkpoint}", f"--config.workdir={workdir}",
-                 "--config.attacks=('pgd-l2', 'apgd-linf')", *extra])
+                 f"--config.model_dir={checkpoint}", f"--config.workdir={workdir}", "--config.data.source=digits",
+                 "--config.max_examples=24", "--config.eps.l2=0.5", f"--config.eps.linf={8 / 255}",
+                 f"--config.attacks={attacks}", *extra])
 
 
 def _read(path):
@@ -258,7 +283,7 @@ def test_cli_writes_results_and_resumes(digits_checkpoint, tmp_path, capsys, mon
     assert "apgd-linf" in out and "summary.csv" in out
     rows = _read(tmp_path / "straight" / "per_example.csv")
     assert [int(r["img"]) for r in rows] == list(range(24))
-    assert list(rows[0]) == ["img", "label", "clean_pred", "pgd-l2/pred", "pgd-l2/robust", "pgd-l2/norm",
+    assert list(rows[0]) == ["img", "label", "clean_pred", "grad_zero", "pgd-l2/pred", "pgd-l2/robust", "pgd-l2/norm",
                              "apgd-linf/pred", "apgd-linf/robust", "apgd-linf/norm", "apgd-linf/stage", "robust_to_all"]
     clean = np.array([r["clean_pred"] == r["label"] for r in rows])
     for name in ("pgd-l2", "apgd-linf"):
@@ -292,9 +317,35 @@ def test_cli_writes_results_and_resumes(digits_checkpoint, tmp_path, capsys, mon
     for name in ("pgd-l2", "apgd-linf"):
         np.testing.assert_allclose([float(r[f"{name}/norm"]) for r in resumed],
                                    [float(r[f"{name}/norm"]) for r in rows], rtol=1e-5)
-    drop = lambda rs: [{k: v for k, v in r.items() if k not in ("wall_time_s", "max_perturbation")}  # noqa: E731
-                       for r in rs]
+    drop = lambda rs: [{k: v for k, v in r.items()  # noqa: E731
+                        if k not in ("wall_time_s", "stage_time_s", "max_perturbation")} for r in rs]
     assert drop(_read(tmp_path / "resumed" / "summary.csv")) == drop(summary)
+
+
+def test_cli_autoattack_writes_the_per_stage_table(digits_checkpoint, tmp_path, capsys):
+    """AutoAttack "standard" (runlocal budgets) through the command: the four stages' robust accuracy and
+    time in summary.csv and the printed table, the stage that broke each point in per_example.csv."""
+    assert _cli(digits_checkpoint, tmp_path / "aa", "--config.batch_size=24", f"--config.eps.linf={2 / 255}",
+                attacks="('autoattack-linf',)") == 0
+    out = capsys.readouterr().out
+    assert "time_s" in out and "checks" in out and "fab-t" in out and "square" in out
+    summary = _read(tmp_path / "aa" / "summary.csv")
+    assert list(summary[0]) == R.SUMMARY_COLUMNS
+    assert [(r["attack"], r["stage"]) for r in summary] == [
+        ("autoattack-linf", ""), ("autoattack-linf", "apgd-ce"), ("autoattack-linf", "apgd-t"),
+        ("autoattack-linf", "fab-t"), ("autoattack-linf", "square"), ("all", "")]
+    after = [float(r["robust_accuracy"]) for r in summary[1:5]]
+    assert after == sorted(after, reverse=True) and after[-1] == float(summary[0]["robust_accuracy"])
+    assert float(summary[0]["clean_accuracy"]) > after[0] > 0  # APGD-CE breaks some points, not all
+    times = [float(r["stage_time_s"]) for r in summary[1:5]]
+    assert all(t >= 0 for t in times) and float(summary[0]["stage_time_s"]) >= sum(times) - 1e-3
+    rows = _read(tmp_path / "aa" / "per_example.csv")
+    stages = [r["autoattack-linf/stage"] for r in rows]
+    assert set(stages) <= {"none", "apgd-ce", "apgd-t", "fab-t", "square"} and "apgd-ce" in stages
+    robust = np.array([int(r["autoattack-linf/robust"]) for r in rows], bool)
+    np.testing.assert_array_equal(robust, np.array([r["clean_pred"] == r["label"] and s == "none"
+                                                    for r, s in zip(rows, stages)]))
+    assert np.mean(robust) == pytest.approx(after[-1], abs=1e-6)
 
 
 @pytest.mark.parametrize("override,message", [
@@ -303,6 +354,7 @@ def test_cli_writes_results_and_resumes(digits_checkpoint, tmp_path, capsys, mon
     ("--config.attacks=('apgd-l1',)", "unknown attack 'apgd-l1'"),
     ("--config.data.source=toy2d", "gives inputs of shape (2,) but the model takes (16, 16, 3)"),
     ("--config.apgd.n_iter=0", "n_iter must be at least 1"),
+    ("--config.stage_chunks=0", "stage_chunks must be positive"),
 ])
 def test_cli_bad_input_is_one_line(digits_checkpoint, tmp_path, capsys, override, message):
     code = _cli(digits_checkpoint, tmp_path / "w", override)

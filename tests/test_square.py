@@ -125,23 +125,24 @@ def _all_step_draws(key, sizes, shape, norm):
     return jax.vmap(lambda i, s: S.step_draws(key, i, s, shape, norm))(jnp.arange(sizes.shape[0]), sizes)
 
 
-def _their_draws(key, cfg, c):
-    """Our draws for one example, as the uniform numbers the port turns into the same choices, in the
-    order it asks for them."""
-    start = S.start_draws(key, (H, W, c), cfg)
+def _their_draws(key, cfg, shape):
+    """Our draws for one example of ``shape`` (h, w, c), as the uniform numbers the port turns into the
+    same choices, in the order it asks for them."""
+    h, w, c = shape
+    start = S.start_draws(key, shape, cfg)
     out = []
     if cfg.norm == "linf":
-        out.append(_uniform_for_sign(np.asarray(start["stripes"]).T.reshape(1, c, 1, W)))
+        out.append(_uniform_for_sign(np.asarray(start["stripes"]).T.reshape(1, c, 1, w)))
     else:
         for flip, signs in zip(np.asarray(start["flips"]), np.asarray(start["signs"])):
             out += [np.array([0.75 if flip else 0.25]), _uniform_for_sign(signs.reshape(1, c, 1, 1))]
-    sizes = S.square_sizes(cfg, H, W, c)
-    every = _all_step_draws(key, jnp.asarray(sizes), (H, W, c), cfg.norm)
+    sizes = S.square_sizes(cfg, h, w, c)
+    every = _all_step_draws(key, jnp.asarray(sizes), shape, cfg.norm)
     for i, s in enumerate(sizes):
         d = {k: np.asarray(v[i]) for k, v in every.items()}
-        out += [_uniform_for_int(int(d["top"]), H - s), _uniform_for_int(int(d["left"]), W - s)]
+        out += [_uniform_for_int(int(d["top"]), h - s), _uniform_for_int(int(d["left"]), w - s)]
         if cfg.norm == "l2":
-            out += [_uniform_for_int(int(d["top2"]), H - s), _uniform_for_int(int(d["left2"]), W - s),
+            out += [_uniform_for_int(int(d["top2"]), h - s), _uniform_for_int(int(d["left2"]), w - s),
                     np.array([0.75 if int(d["flip"]) else 0.25]), _uniform_for_sign(d["signs"].reshape(1, c, 1, 1))]
         else:
             out.append(_uniform_for_sign(d["signs"].reshape(c, 1, 1)))
@@ -166,7 +167,7 @@ def test_steps_match_the_authors_code_float64(torch64, monkeypatch, norm, c):
         y = np.asarray(jnp.argmax(f(x), 1))
         res = jax.jit(lambda x, y: S.square_run(f, x, y, eps, cfg, key, trace=True))(x, y)
         res = {k: np.asarray(v) for k, v in res.items()}
-        draws = [_their_draws(S._example_key(key, 0, i), cfg, c) for i in range(len(x))]
+        draws = [_their_draws(S._example_key(key, 0, i), cfg, (H, W, c)) for i in range(len(x))]
     w1 = weights[0].reshape(H, W, c, -1).transpose(2, 0, 1, 3).reshape(H * W * c, -1)  # NCHW rows
 
     class Net(torch64.nn.Module):
