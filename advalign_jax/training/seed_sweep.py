@@ -20,7 +20,18 @@ What seed ``s`` runs is what ``advalign-jax train`` runs with ``--config.seed=s`
 
 Only the one-device arithmetic is shared: no checkpoints, metrics files or data parallelism, and only
 ``data_kind='arrays'``. ``tests/test_seed_sweep.py`` checks that seed ``s`` ends with the parameters of
-``train(config with seed=s)``.
+``train(config with seed=s)`` (on the development CPU the toy runs agree bitwise, to the last of 4,600
+steps). Float32 rounding may differ on another CPU, and even with the number of seeds sharing the
+program (XLA picks kernels by shape): a chaotic recipe turns that into another outcome for the same
+seed, so what a sweep measures is the distribution over seeds, not any one seed's number. The step
+counters (the trainer's step, the optimizer's count) stay unbatched, so the schedule and Adam's bias
+correction are computed as in the trainer; PAG's nearest-neighbour targets are looked up in a table
+computed once by the trainer's own search (:meth:`SeedSweep.nearest_neighbour_tables`).
+
+Cost: ``vmap`` batches every operation over the seeds, which makes MLP-sized models nearly free (16
+seeds of each toy model in less time than one ``train`` of the PAG model), but XLA:CPU runs a batched
+convolution as a grouped one, slower per seed than the trainer's separate runs (the digits CNN: about
+2x); for convolutional models, train seeds one by one.
 
 Two counts of the points a model keeps under the attack (:func:`kept_counts`), both reported:
 

@@ -12,11 +12,20 @@ Loss and semantics: :mod:`advalign_jax.losses.pag`; target gradients:
 - ``target_source``: ``'one_image'``, ``'class_mean'`` (``class_mean_scale``: 0 = automatic),
   ``'nearest_neighbour'`` (``nn_sample_size``: images per class in the sample set, 0 = all) or
   ``'precomputed'`` (``targets_file``: .npy/.npz/.pt or TFRecords, e.g. score-based targets written by
-  ``advalign-jax targets``);
+  ``advalign-jax targets``; ``targets_images``: ``'verify'`` trains on the data split and checks that
+  the file holds its images in its order, ``'file'`` trains on the file's own images and labels
+  (``targets_labels_file``) as the official code does; ``targets_image_range``: ``'0_1'`` or the
+  official ``'-1_1'``; :func:`advalign_jax.training.inputs.precomputed_training_set`);
 - ``warm_steps`` / ``warm_weight``: a different weight for the first steps (the official ViT recipe);
 - ``augment_padding``: a random crop after padding by this many pixels (``augment_fill`` in [0, 1] units; 0.5 is
   the official zero of [-1, 1] images) and a horizontal flip, applied inside the loss so the gradients
-  are taken w.r.t. the un-augmented image (0: none, e.g. the toy points).
+  are taken w.r.t. the un-augmented image (0: none, e.g. the toy points); ``per_example_augment``: a
+  draw per image (ours), or one draw for the whole batch (the official code; with ``'replicated'``
+  the cross-entropy pass and the alignment pass get separate draws, as there).
+
+The official code's behaviour is ``semantics='replicated'`` with ``per_example_augment=False``
+(:func:`advalign_jax.training.config_blocks.pag_official_semantics`, the ``*_official`` variants of
+``configs/pag_cifar10_*.py``).
 
 ``prepare`` builds the per-run constants (class representatives or the NN sample set) once; the
 trainer places them on every device and passes them to ``loss`` as ``context``.
