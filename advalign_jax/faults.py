@@ -2,7 +2,9 @@
 
 Set ``ADVALIGN_JAX_CRASH_AT=NAME:N`` in a process's environment and it sends itself SIGKILL (no
 cleanup, no flush, as ``kill -9`` or a lost machine would) the N-th time it reaches the crash point
-NAME (N counts from 1). Unset, every crash point is a dictionary lookup and nothing else.
+NAME (N counts from 1); in a multi-process run ``ADVALIGN_JAX_CRASH_PROCESS=I`` limits that to the
+process whose ``JAX_PROCESS_ID`` is I. Unset, every crash point is a dictionary lookup and nothing
+else.
 
 Crash points:
 
@@ -34,6 +36,9 @@ def reached(name: str) -> bool:
     """True when this is the visit of ``name`` at which the process is to die (counts the visit)."""
     target = _target()
     if target is None or target[0] != name:
+        return False
+    only = os.environ.get("ADVALIGN_JAX_CRASH_PROCESS")
+    if only is not None and only != os.environ.get("JAX_PROCESS_ID", "0"):
         return False
     _counts[name] = _counts.get(name, 0) + 1
     return _counts[name] == target[1]

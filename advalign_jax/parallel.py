@@ -13,6 +13,7 @@ order of floating-point reductions), which the tests check.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 import jax
@@ -27,18 +28,52 @@ _DISTRIBUTED = False
 
 def initialize_distributed(enabled: bool, coordinator_address: Optional[str] = None,
                            num_processes: Optional[int] = None, process_id: Optional[int] = None) -> None:
-    """Calls ``jax.distributed.initialize`` once when ``enabled`` (multi-host GPU clusters, TPU pods).
+    """Starts multi-controller JAX (``jax.distributed.initialize``) once, when ``enabled``.
 
-    On Cloud TPU and SLURM the arguments are discovered automatically; elsewhere pass the
-    coordinator's ``host:port``, the number of processes and this process's id.
+    It must run before any other JAX call of the process. The layout comes from the arguments, else
+    from the environment: ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0's coordinator), with
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` where no cluster is detected automatically; with none
+    of them set, JAX detects the cluster itself (Cloud TPU, SLURM, Open MPI). On CPU the cross-process
+    collectives are gloo's. ``ADVALIGN_JAX_HEARTBEAT_TIMEOUT_S`` (default 60) bounds how long the
+    survivors wait for a process that died before they stop.
     """
     global _DISTRIBUTED
     if not enabled or _DISTRIBUTED:
         return
+    from advalign_jax.errors import AdvalignError  # pylint: disable=import-outside-toplevel
+
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
+    try:
+        if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+            num_processes = int(env["JAX_NUM_PROCESSES"])
+        if process_id is None and env.get("JAX_PROCESS_ID"):
+            process_id = int(env["JAX_PROCESS_ID"])
+        heartbeat = int(env.get("ADVALIGN_JAX_HEARTBEAT_TIMEOUT_S", "60"))
+    except ValueError as err:
+        raise AdvalignError(f"the process layout in the environment is not a number ({err}); set "
+                            "JAX_NUM_PROCESSES and JAX_PROCESS_ID to integers") from None
+    if (num_processes is None) != (process_id is None) or (num_processes is not None and not coordinator_address):
+        raise AdvalignError("a multi-process run needs JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                            "JAX_PROCESS_ID together (or none of them where the cluster is detected "
+                            "automatically: Cloud TPU, SLURM)")
+    if num_processes is not None and not 0 <= process_id < num_processes:
+        raise AdvalignError(f"JAX_PROCESS_ID={process_id} is not in [0, JAX_NUM_PROCESSES={num_processes})")
+    if env.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {k: v for k, v in dict(coordinator_address=coordinator_address, num_processes=num_processes,
                                     process_id=process_id).items() if v is not None}
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(**kwargs, heartbeat_timeout_seconds=heartbeat)
+    except (RuntimeError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AdvalignError(f"could not join the multi-process run ({first}); check JAX_COORDINATOR_ADDRESS "
+                            "and that every process was started") from None
     _DISTRIBUTED = True
+
+
+def is_distributed() -> bool:
+    return _DISTRIBUTED
 
 
 def make_mesh(model_axis_size: int = 1, devices: Optional[list] = None) -> Mesh:
@@ -118,3 +153,22 @@ def from_process_0(value: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
 
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
+def replicated_to_host(tree: Any) -> Any:
+    """Replicated global arrays (parameters, metrics) -> NumPy on every process, without a collective:
+    each process reads the copy on one of its own devices."""
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)
+
+
+def sync(name: str) -> None:
+    """Waits until every process reaches this point (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+        multihost_utils.sync_global_devices(name)

@@ -153,3 +153,33 @@ def test_global_batches_same_on_one_and_eight_devices(small_shards):
             assert g["image"].sharding.mesh.size == len(devices)
             for k in h:
                 np.testing.assert_array_equal(np.asarray(g[k]), h[k])
+
+
+@pytest.mark.parametrize("num_processes", [2, 3])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_global_train_stream_does_not_depend_on_the_process_count(small_shards, num_processes, mixed):
+    """process_sharding='global': the processes' blocks of each batch, side by side, are the batch one
+    process reads (bitwise), with and without a mixed-in map-less source."""
+    import tensorflow_datasets as tfds
+
+    kw = dict(mode="train", image_size=32, shuffle_buffer=16, seed=5)
+    if mixed:
+        kw.update(clickme_weight=0.5, mix_sources=("tfds:cifar10:train",), mix_weights=(0.5,))
+    b = 2
+    with tfds.testing.mock_data(num_examples=40):
+        single = list(_reader(small_shards, batch_size=b * num_processes, **kw).take(5))
+        parts = [list(_reader(small_shards, p, num_processes, batch_size=b, **kw).take(5))
+                 for p in range(num_processes)]
+    for i, whole in enumerate(single):
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([parts[p][i][key] for p in range(num_processes)]),
+                                          whole[key], err_msg=f"batch {i} {key}")
+    if mixed:
+        assert 0 < np.mean(np.concatenate([s["token"] for s in single])) < 1
+
+
+def test_files_train_stream_gives_each_process_its_own_files(small_shards):
+    kw = dict(mode="train", image_size=32, shuffle_buffer=16, seed=5, process_sharding="files", batch_size=2)
+    a = list(_reader(small_shards, 0, 2, **kw).take(3))
+    b = list(_reader(small_shards, 1, 2, **kw).take(3))
+    assert not any(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))

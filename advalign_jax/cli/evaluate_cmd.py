@@ -38,11 +38,13 @@ def add_parser(sub) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
+    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
     from advalign_jax.evaluation import adversarial_alignment as aa  # pylint: disable=import-outside-toplevel
 
-    config = load_config(args.config, args.config_overrides)
+    config = job_config(args)
     summary = aa.evaluate(config, progress=not args.no_progress)
+    if not lead():
+        return 0
     print(aa.format_summary(summary))
     print(f"results: {os.path.join(config.workdir, 'summary.csv')} (per-image CSVs in "
           f"{os.path.join(config.workdir, 'per_image')}, plot tolerance_vs_alignment.png, panels/)")
@@ -50,11 +52,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_clickme(args: argparse.Namespace) -> int:
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
+    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
     from advalign_jax.evaluation import human_alignment as ha  # pylint: disable=import-outside-toplevel
 
-    config = load_config(args.config, args.config_overrides)
+    config = job_config(args)
     summary = ha.evaluate(config, progress=not args.no_progress)
+    if not lead():
+        return 0
     print(ha.format_summary(summary))
     print(f"results: {os.path.join(config.workdir, 'summary.csv')}")
     return 0

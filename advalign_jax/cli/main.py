@@ -79,6 +79,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("advalign-jax: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # pylint: disable=broad-except
+        from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
+
+        if not parallel.is_distributed():
+            raise
+        # In a multi-process run another process's failure surfaces here as a failed collective.
+        import jax  # pylint: disable=import-outside-toplevel
+
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        print(f"advalign-jax: error: process {jax.process_index()} of {jax.process_count()} stopped: "
+              f"{type(err).__name__}: {first} (if another process failed, its own line says why; rerun the same "
+              "command to resume)", file=sys.stderr)
+        return 3
+
+
+def job_config(args):
+    """The command's config, with the multi-process runtime started first when it asks for it
+    (``--config.distributed=true``): that must precede every other JAX call."""
+    from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
+    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
+
+    config = load_config(args.config, args.config_overrides)
+    if "distributed" in config and bool(config.distributed):
+        parallel.initialize_distributed(True)
+    return config
+
+
+def lead() -> bool:
+    """Whether this process prints the command's results (process 0 of a multi-process run)."""
+    import jax  # pylint: disable=import-outside-toplevel
+
+    return jax.process_index() == 0
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ def add_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
+    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
     from advalign_jax.training.trainer import train  # pylint: disable=import-outside-toplevel
 
-    config = load_config(args.config, args.config_overrides)
+    config = job_config(args)
     result = train(config, progress=not args.no_progress)
+    if not lead():
+        return 0
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}, indent=1))
     return 0

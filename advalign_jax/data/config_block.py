@@ -35,6 +35,7 @@ def data_block(files=(), batch_size: int = 32, mode: str = "eval", heatmap_pipel
     block.cycle_length = 8
     block.skip_bad_records = False
     block.allow_empty = False
+    block.process_sharding = "global"  # train mode with several processes: 'global' or 'files'
     block.clickme_weight = 1.0
     block.mix_sources = ()
     block.mix_weights = ()

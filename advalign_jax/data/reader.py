@@ -11,10 +11,17 @@ One :class:`ClickMeReader` serves evaluation and training:
   shared by image and map), and optional mixing with map-less image sources (zero map, token 0) at
   given weights. Randomness comes only from ``seed``: the same seed gives the same batches.
 
-Multi-host: each process reads its own files (``process_index::process_count`` of the sorted list);
-with fewer files than processes it reads all files and keeps every ``process_count``-th record of each.
-In eval mode every process yields the same number of batches (padding with fully masked batches), so
-all hosts run the same number of steps.
+Multi-host, eval mode: each process reads its own files (``process_index::process_count`` of the
+sorted list); with fewer files than processes it reads all files and keeps every ``process_count``-th
+record of each. Every process yields the same number of batches (padding with fully masked batches),
+so all hosts run the same number of steps, and each record is read by exactly one process.
+
+Multi-host, train mode (``process_sharding``): ``'global'`` (default) builds on every process the
+stream a single process would read (all files, the same seeds) in global batches and keeps this
+process's contiguous block of each, so the global batches, and the training run, do not depend on the
+number of processes (each process decodes only its block when nothing is mixed in, and the whole
+batch otherwise); ``'files'`` gives each process its own files (the scalable choice for many hosts
+and large data: a different, equally random stream for each process count).
 
 Human maps go through one of two pipelines (``heatmap_pipeline``): ``'harmonization'`` (the
 harmonization package's loader: resize to ``heatmap_blur_size``, 10x10 Gaussian blur, resize back; the
@@ -73,6 +80,7 @@ class ReaderConfig:
     cycle_length: int = 8
     skip_bad_records: bool = False
     allow_empty: bool = False  # accept files that hold no records (else: one line naming them)
+    process_sharding: str = "global"  # train mode, several processes: 'global' or 'files' (module docstring)
     clickme_weight: float = 1.0
     mix_sources: Sequence[str] = ()  # e.g. ('tfds:imagenet2012:train',)
     mix_weights: Sequence[float] = ()
@@ -85,6 +93,8 @@ class ReaderConfig:
             raise ConfigError(f"data.batch_size must be positive, got {self.batch_size}")
         if self.encoding not in ("auto",) + records.ENCODINGS:
             raise ConfigError(f"data.encoding must be one of auto, jpeg, raw_float32; got {self.encoding!r}")
+        if self.process_sharding not in ("global", "files"):
+            raise ConfigError(f"data.process_sharding must be 'global' or 'files', got {self.process_sharding!r}")
         if self.heatmap_pipeline not in HEATMAP_PIPELINES:
             raise ConfigError(f"data.heatmap_pipeline must be one of {', '.join(HEATMAP_PIPELINES)}; got "
                               f"{self.heatmap_pipeline!r}")
@@ -222,8 +232,10 @@ class ClickMeReader:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.process_index, self.process_count = process_index, process_count
         self.files = resolve_files(config.files)
-        self.record_sharded = len(self.files) < process_count
-        if self.record_sharded:
+        # Train mode, 'global': every process reads the single-process stream and keeps its block.
+        self.global_stream = (config.mode == TRAIN and config.process_sharding == "global" and process_count > 1)
+        self.record_sharded = len(self.files) < process_count and not self.global_stream
+        if self.record_sharded or self.global_stream:
             self.my_file_ids = list(range(len(self.files)))
         else:
             self.my_file_ids = list(range(process_index, len(self.files), process_count))
@@ -391,9 +403,11 @@ class ClickMeReader:
                 "file_id": tf.constant(-1, tf.int32), "record": tf.constant(-1, tf.int64)}
 
     def _seeded(self, ds, salt: int):
-        """Attaches a per-example stateless seed: (seed, salt, process, position in the stream)."""
+        """Attaches a per-example stateless seed: (seed, salt, process, position in the stream); the
+        process does not enter a global stream, which is the same on every process."""
         tf = import_tf()
-        base = np.int64(self.config.seed) * 1_000_003 + salt * 7919 + self.process_index
+        process = 0 if self.global_stream else self.process_index
+        base = np.int64(self.config.seed) * 1_000_003 + salt * 7919 + process
         return ds.enumerate().map(lambda i, x: (x, tf.stack([tf.constant(base, tf.int64), i])))
 
     def _skip_filter(self, ds):
@@ -424,6 +438,14 @@ class ClickMeReader:
             ds = self._read_files(self.my_file_ids, shuffle_files=True)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1)
             ds = self._seeded(ds, salt=0)
+            mixing = bool(cfg.mix_sources or self._extra_sources)
+            if self.global_stream and not mixing:
+                # Keep this process's block of every global batch before decoding: position n of the
+                # global stream is row n % (B * P) of global batch n // (B * P).
+                b, pi = cfg.batch_size, self.process_index
+                gb = b * self.process_count
+                ds = ds.enumerate().filter(lambda n, x: tf.logical_and(n % gb >= pi * b, n % gb < (pi + 1) * b))
+                ds = ds.map(lambda n, x: x)
             ds = ds.map(lambda rec, s: self._clickme_example(*rec, s), num_parallel_calls=AUTO,
                         deterministic=True)
         if cfg.skip_bad_records:
@@ -444,7 +466,13 @@ class ClickMeReader:
                         src = src.filter(lambda ex: tf.equal(ex["status"], 0))
                     mixed.append(src)
                 ds = tf.data.Dataset.sample_from_datasets(mixed, weights=weights, seed=cfg.seed + 3)
-        ds = ds.batch(cfg.batch_size, drop_remainder=cfg.mode == TRAIN)
+        if self.global_stream and (cfg.mix_sources or self._extra_sources):
+            # Mixed streams: the whole global batch is built (and decoded) on every process.
+            b, pi = cfg.batch_size, self.process_index
+            ds = ds.batch(b * self.process_count, drop_remainder=True)
+            ds = ds.map(lambda batch: {k: v[pi * b:(pi + 1) * b] for k, v in batch.items()})
+        else:
+            ds = ds.batch(cfg.batch_size, drop_remainder=cfg.mode == TRAIN)
         options = tf.data.Options()
         options.deterministic = True
         options.experimental_warm_start = False

@@ -214,7 +214,10 @@ def _run_model(config, task, mesh, spec, model, variables, fp, per_image, record
     try:
         for batch in reader.take(total):
             mask = batch["mask"] & (batch["index"] < limit) if limit is not None else batch["mask"]
-            if parallel.all_processes(all(int(j) in done for j in batch["index"][mask])):
+            meta = parallel.to_host({"mask": mask, "index": batch["index"], "label": batch["label"]})
+            # Process 0 holds the results: it decides, for every process, whether the batch is done.
+            finished = all(int(j) in done for j in meta["index"][meta["mask"]])
+            if bool(parallel.from_process_0(np.asarray(finished))):
                 bar.update(1)
                 continue
             start = time.perf_counter()
@@ -223,7 +226,6 @@ def _run_model(config, task, mesh, spec, model, variables, fp, per_image, record
             out = batch_fn(params, inputs["image"], inputs["heatmap"], inputs["label"], inputs["index"],
                            inputs["mask"])
             host = parallel.to_host({k: v for k, v in out.items() if not k.startswith(PICTURE_PREFIX)})
-            meta = parallel.to_host({"mask": mask, "index": batch["index"], "label": batch["label"]})
             meta["num_records"] = num_records
             rows = task.rows(spec.name, host, meta, done)
             # Pictures of the eligible images that enter the first num_panels in record order; process 0

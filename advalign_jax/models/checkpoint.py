@@ -48,6 +48,18 @@ def _from_json_options(options: Mapping[str, Any]) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in out.items()}
 
 
+def _local_checkpointer():
+    """An orbax checkpointer that this process uses on its own: in a multi-process run a model directory
+    is written by one process and read by each process by itself, with no barrier across processes."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    if jax.process_count() == 1:
+        return ocp.StandardCheckpointer()
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"local{me}"))
+
+
 def save_model(path: str, model: Model, variables: Mapping, source: str = "", overwrite: bool = False) -> str:
     """Writes ``variables`` of ``model`` to the directory ``path`` (atomically: written beside it, then
     renamed)."""
@@ -62,7 +74,7 @@ def save_model(path: str, model: Model, variables: Mapping, source: str = "", ov
     try:
         state = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
         state = jax.tree.map(np.asarray, state)
-        with ocp.StandardCheckpointer() as ckptr:
+        with _local_checkpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "variables"), state)
         meta = {"format": FORMAT, "version": VERSION, "arch": model.name,
                 "options": _json_options(model.options), "source": source,
@@ -128,7 +140,7 @@ def load_model(path: str, arch: Optional[str] = None, **overrides: Any) -> tuple
         raise AdvalignError(f"{path} holds a {meta['arch']} with {options.get('num_classes')} classes, "
                             f"not {overrides['num_classes']}")
     model = registry.get_model(meta["arch"], **{**options, **overrides})
-    with ocp.StandardCheckpointer() as ckptr:
+    with _local_checkpointer() as ckptr:
         try:
             variables = ckptr.restore(os.path.join(path, "variables"))
         except Exception as err:  # orbax raises several types for unreadable directories

@@ -277,6 +277,8 @@ def train(config, progress: bool = True, stop_after: Optional[int] = None, log=p
     parallel.initialize_distributed(bool(config.distributed))
     workdir = config.workdir
     writer = jax.process_index() == 0
+    if not writer:  # one process speaks for the run
+        log = lambda *args, **kwargs: None  # noqa: E731
     objective = objectives.get(config.objective.name)
     export = config.export_to or os.path.join(workdir, "model")
     if writer and os.path.exists(export) and not os.path.isdir(export):
@@ -369,7 +371,7 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
                     state[key] = parallel.replicate(start_vars[key], mesh)
             state["opt_state"] = jax.jit(tx.init, out_shardings=replicated)(state["params"])
             log(f"fine-tuning from {config.model.init_from}")
-    start_step = int(state["step"])
+    start_step = int(parallel.replicated_to_host(state["step"]))
     metrics_log = MetricsLog(workdir, start_step, writer)
     if start_step >= total_steps:  # a finished run: nothing to train, nothing to log again
         log(f"already trained to step {start_step} (total_steps {total_steps}) in {workdir}")
@@ -420,7 +422,7 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
         nonlocal pending, last_values
         if not pending:
             return
-        host = jax.device_get(pending)
+        host = parallel.replicated_to_host(pending)
         losses = np.array([float(m["loss"]) for m in host])
         grad_norms = np.array([float(m["grad_norm"]) for m in host])
         finite = np.isfinite(losses) & np.isfinite(grad_norms)
@@ -490,9 +492,9 @@ def _export(config, state, export: str, workdir: str) -> None:
 
 
 def final_variables(state) -> dict:
-    out = {"params": jax.device_get(state["params"])}
+    out = {"params": parallel.replicated_to_host(state["params"])}
     if "batch_stats" in state:
-        out["batch_stats"] = jax.device_get(state["batch_stats"])
+        out["batch_stats"] = parallel.replicated_to_host(state["batch_stats"])
     return out
 
 
