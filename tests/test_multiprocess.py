@@ -118,3 +118,16 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes(tmp_path):
     assert "resumed from step" in again.stdout
     for u, v in zip(_leaves(tmp_path / "straight" / "model"), _leaves(tmp_path / "killed" / "model")):
         np.testing.assert_array_equal(u, v)  # bitwise: the same two-process computation
+
+
+def test_targets_as_two_processes_writes_the_single_process_shards(tmp_path):
+    from advalign_jax.losses import pag_targets as T
+
+    args = ["targets", "--source", "digits", "--limit", "120", "--method", "nearest_neighbour", "--shards", "3",
+            "--no-progress"]
+    _ok(one(args + ["--out", str(tmp_path / "one")], devices=1))
+    _ok(two(args + ["--out", str(tmp_path / "two")], devices=1))
+    read = lambda d: T.read_target_records(sorted(str(p) for p in d.glob("targets-*.tfrecords")))  # noqa: E731
+    a, b = read(tmp_path / "one"), read(tmp_path / "two")
+    np.testing.assert_array_equal(a.targets, b.targets)
+    np.testing.assert_array_equal(a.images, b.images)

@@ -41,6 +41,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="FILE.npz / FILE.npy, or a directory for TFRecord shards")
     p.add_argument("--shards", type=int, default=0, help="write N TFRecord shards into --out (0: one array file)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="run as one of several JAX processes (scripts/launch_local.sh adds it): with --shards, "
+                        "process p writes shards p, p + P, ...; one array file is written by process 0")
     p.set_defaults(func=run_targets)
 
 
@@ -76,13 +79,21 @@ def run_targets(args: argparse.Namespace) -> int:
     from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
     from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
 
+    from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
+
+    parallel.initialize_distributed(bool(args.distributed))
+    import jax  # pylint: disable=import-outside-toplevel
+
+    me, count = jax.process_index(), jax.process_count()
     if args.shards <= 0 and os.path.splitext(args.out)[1] not in (".npz", ".npy"):
         raise ConfigError(f"--out {args.out}: name a .npz or .npy file, or pass --shards N for TFRecords")
     images, labels = load_arrays(args.source, args.split, args.data_dir, args.limit)
     num_classes = args.num_classes or int(np.max(labels)) + 1
     progress = (lambda it: it) if args.no_progress else (lambda it: tqdm(it, desc="targets", unit="batch"))
     kw = dict(seed=args.seed, nn_sample_size=args.nn_sample_size, class_mean_scale=args.class_mean_scale)
-    if args.shards <= 0:
+    if args.shards <= 0 and me != 0:  # one array file: process 0 computes and writes it
+        written = [args.out]
+    elif args.shards <= 0:
         if os.path.isdir(args.out):
             raise store.OutputError(f"cannot write {args.out}: it is a directory; name a .npz or .npy file")
         store.make_dirs(os.path.dirname(os.path.abspath(args.out)))
@@ -102,14 +113,13 @@ def run_targets(args: argparse.Namespace) -> int:
         meta = {"source": args.source, "split": args.split, "limit": args.limit, "method": args.method,
                 "num_classes": num_classes, "shards": args.shards, **kw}
         meta_path = os.path.join(args.out, "targets.json")
-        if os.path.exists(meta_path):
-            with open(meta_path) as f:
-                old = json.load(f)
-            if old != meta:
-                diff = sorted(k for k in meta if old.get(k) != meta[k])
-                raise ConfigError(f"{args.out} holds targets made with other settings ({', '.join(diff)}); "
-                                  f"choose another --out")
-        store.atomic_write_json(meta_path, meta)
+        old = store.read_json(meta_path)
+        if old is not None and old != meta:
+            diff = sorted(k for k in meta if old.get(k) != meta[k])
+            raise ConfigError(f"{args.out} holds targets made with other settings ({', '.join(diff)}); "
+                              f"choose another --out")
+        if me == 0:
+            store.atomic_write_json(meta_path, meta)
         written = []
         if args.method == "nearest_neighbour":  # the whole set is the sample set; shards only split queries
             bank = T.nearest_neighbour_bank(images, labels, num_classes, args.nn_sample_size or None, args.seed)
@@ -118,7 +128,7 @@ def run_targets(args: argparse.Namespace) -> int:
         for s in progress(range(args.shards)):
             path = os.path.join(args.out, f"targets-{s}.tfrecords")
             written.append(path)
-            if os.path.exists(path):
+            if os.path.exists(path) or s % count != me:  # done, or another process's shard
                 continue
             idx = np.arange(s, len(images), args.shards)
             if args.method == "nearest_neighbour":
@@ -130,7 +140,9 @@ def run_targets(args: argparse.Namespace) -> int:
                 T.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
                 os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
                 os.rmdir(tmp_dir)
-    print(json.dumps({"written": written, "images": int(len(images)), "num_classes": num_classes,
-                      "method": args.method}, indent=1))
+    parallel.sync("targets-written")
+    if me == 0:
+        print(json.dumps({"written": written, "images": int(len(images)), "num_classes": num_classes,
+                          "method": args.method}, indent=1))
     return 0
 
