@@ -130,8 +130,8 @@ def test_training_on_the_files_own_images_and_labels(tmp_path):
     T.save_targets(data, 2 * x - 1, t, layout="nchw")
     labels = str(tmp_path / "labels.npy")
     np.save(labels, y.astype(np.int64))
-    overrides = [f"objective.targets_file={data}", "objective.targets_images=file", "objective.targets_image_range=-1_1",
-                 "arrays.limit=0"]
+    overrides = [f"objective.targets_file={data}", "objective.targets_images=file",
+                 "objective.targets_image_range=-1_1", "arrays.limit=0"]
     config = _digits(tmp_path, "f", *overrides, f"objective.targets_labels_file={labels}", "total_steps=2")
     stream = inputs.make("arrays", config, 16)
     assert len(stream.images) == 64
@@ -146,7 +146,8 @@ def test_training_on_the_files_own_images_and_labels(tmp_path):
     with pytest.raises(DataError, match="10 labels for the 64 images"):
         inputs.make("arrays", _digits(tmp_path, "m", *overrides, f"objective.targets_labels_file={labels}"), 16)
     with pytest.raises(ConfigError, match="targets_images"):
-        inputs.make("arrays", _digits(tmp_path, "o", f"objective.targets_file={data}", "objective.targets_images=x"), 16)
+        inputs.make("arrays", _digits(tmp_path, "o", f"objective.targets_file={data}",
+                                      "objective.targets_images=x"), 16)
 
 
 def test_first_differing_image():

@@ -7,9 +7,9 @@ under ``vmap`` on another CPU, and the toy recipe (Adam 0.01, inputs near 100) a
 difference by orders of magnitude within tens of steps. So each comparison is made where rounding
 cannot grow into a different outcome, with a tolerance far below what a real difference (another batch,
 another key, another step count) moves. On the development CPU the toy runs agree bitwise, over the
-recipe's full 4,600 steps too, and the BatchNorm CNN's to 3e-8; the tolerances below (1e-4 on parameters of order 1) allow for
-another CPU's rounding, and for a ReLU or max-pool unit that sits within rounding of its kink on some
-step (one example's share of one step, about 5e-5):
+recipe's full 4,600 steps too, and the BatchNorm CNN's to 3e-8; the tolerances below (1e-4 on
+parameters of order 1) allow for another CPU's rounding, and for a ReLU or max-pool unit that sits within
+rounding of its kink on some step (one example's share of one step, about 5e-5):
 
 - the toy PAG recipe with SGD at a small rate over 100 steps (two epoch boundaries, so two reshuffles):
   no amplification; a sweep fed the batches of other seeds ends about 0.08 away (checked: > 1e-3);
@@ -55,7 +55,8 @@ def _assert_close(sweep_params, k, variables, atol):
 
 
 def _gap(a, b):
-    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v)))) for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))))
+               for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 def test_sweep_equals_the_trainer_over_epoch_boundaries(tmp_path):

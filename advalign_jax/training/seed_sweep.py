@@ -123,8 +123,9 @@ def _check(config) -> None:
 class SeedSweep:
     """The compiled pieces for one config (any seed): init, a chunk of training steps, the evaluation.
 
-    ``train(seeds)`` returns the final train states stacked over the seeds (leading axis S);
-    ``evaluate(states, seeds)`` the per-point predictions on the test split."""
+    ``train(seeds)`` returns the final train states stacked over the seeds (leading axis S; the step
+    counters, the same for every seed, stay scalars); ``evaluate(states, seeds)`` the per-point
+    predictions on the test split."""
 
     def __init__(self, config):
         from advalign_jax.training import inputs, objectives, optim  # pylint: disable=import-outside-toplevel
@@ -234,7 +235,7 @@ class SeedSweep:
         f = self.first
         tables, cache = [], {}
         for ctx in contexts:
-            key = (np.asarray(ctx["bank_ids"]).tobytes())
+            key = np.asarray(ctx["bank_ids"]).tobytes()
             if key not in cache:
                 cache[key], _ = T.nearest_neighbour_targets_dataset(
                     f.images, f.labels, int(self.config.model.options.num_classes),
@@ -279,7 +280,8 @@ class SeedSweep:
                       end="\r" if tty and done < self.total_steps else "\n", file=sys.stderr, flush=True)
         return states, np.concatenate([np.asarray(x) for x in losses], axis=1)
 
-    def test_arrays(self):
+    def held_out_arrays(self):
+        """The test split of ``config.arrays`` (what the trainer evaluates on)."""
         from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
 
         a = self.config.arrays
@@ -288,18 +290,20 @@ class SeedSweep:
     def evaluate(self, states, seeds: Sequence[int]) -> dict:
         """Per-point predictions of every seed on the test split: ``label`` (N,), ``clean_pred`` and
         ``adv_pred`` (S, N), under the trainer's evaluation attack (``config.eval_attack``)."""
-        from advalign_jax.evaluation.robustness import PGDAttack, batch_outputs  # pylint: disable=import-outside-toplevel
+        from advalign_jax.evaluation import robustness  # pylint: disable=import-outside-toplevel
         from advalign_jax.training.trainer import eval_attack_config  # pylint: disable=import-outside-toplevel
 
-        x, y = self.test_arrays()
+        x, y = self.held_out_arrays()
         attack_cfg, eps = eval_attack_config(self.config)
-        attacks = (PGDAttack("eval", eps, attack_cfg, target=self.config.eval_attack.target),)
+        attacks = (robustness.PGDAttack("eval", eps, attack_cfg, target=self.config.eval_attack.target),)
         index = jnp.arange(len(y), dtype=jnp.int32)
         mask = jnp.ones(len(y), bool)
         keys = jnp.stack([jax.random.PRNGKey(int(s) + 7) for s in seeds])
 
+        x, y = jnp.asarray(x), jnp.asarray(y)
+
         def one(variables, key):
-            out = batch_outputs(self.model.apply, variables, jnp.asarray(x), jnp.asarray(y), index, mask, key, attacks)
+            out = robustness.batch_outputs(self.model.apply, variables, x, y, index, mask, key, attacks)
             return out["clean_pred"], out["eval/pred"]
 
         clean, adv = jax.jit(jax.vmap(one))(final_variables(states), keys)
@@ -391,6 +395,9 @@ def run_variant(config, variant: str, seeds: Sequence[int], out: str, progress: 
             log(f"{variant}: reusing {vdir}")
             return _read_csv(os.path.join(vdir, "summary.csv"))
     os.makedirs(vdir, exist_ok=True)
+    for name in os.listdir(vdir):  # a sweep of other seeds: its files go, so none is mistaken for this one's
+        if name.startswith("seed_") or name in ("summary.csv", "config.json"):
+            os.remove(os.path.join(vdir, name))
     log(f"{variant}: training {len(seeds)} seeds x {int(config.total_steps)} steps in one program")
     result = sweep(config, seeds, progress=progress)
     rows = []
