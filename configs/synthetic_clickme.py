@@ -10,6 +10,9 @@ Expected result: 4 shards ``train-{0..3}.tfrecords`` holding 2000 records (200 p
 
 Variants (``:ARG``):
   train     2000 JPEG-256 records, 4 shards; a corner patch shows the label's colour 91% of the time.
+  train_randomcue
+            the same 2000 images but for the patch, whose colour is drawn independently of the label
+            (an uninformative cue; the demonstration's control model trains on it).
   val       the embedded default evaluation data: 128 JPEG-256 records, 1 shard, seed 1, and a patch
             colour drawn independently of the label (a model that took the shortcut is fooled by it).
   test_raw  the adversarial-alignment encoding: 100 raw-float32 224x224 records in one file.
@@ -33,6 +36,8 @@ def get_config(arg: str = "train"):
     c.prefix = "train"
     if arg == "train":
         pass
+    elif arg == "train_randomcue":
+        c.spurious = 0.0
     elif arg == "val":
         c.num_images, c.num_shards, c.spurious, c.seed, c.prefix = 128, 1, 0.0, 1, "val"
     elif arg == "test_raw":
@@ -41,5 +46,5 @@ def get_config(arg: str = "train"):
     elif arg == "runlocal":
         c.num_images, c.num_shards, c.size = 24, 2, 64
     else:
-        raise ValueError(f"unknown variant {arg!r}: use train, val, test_raw or runlocal")
+        raise ValueError(f"unknown variant {arg!r}: use train, train_randomcue, val, test_raw or runlocal")
     return c

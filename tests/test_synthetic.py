@@ -66,3 +66,43 @@ def test_bad_spec():
         synthetic.SynthSpec(cue="none", spurious=0.5)
     with pytest.raises(ValueError):
         synthetic.SynthSpec(cue="stripes")
+
+
+@pytest.mark.parametrize("cue,spurious", [("patch", 0.0), ("patch", 0.9), ("tint", 0.5)])
+def test_cue_swap_changes_only_the_cue(cue, spurious):
+    """``cue_class`` repaints the cue and nothing else; ``example_cue`` is the cue drawn; the patch's
+    pixels are ``cue_region``; the same seed and index give the same image whatever ``spurious`` is,
+    but for the cue."""
+    spec = synthetic.SynthSpec(size=64, seed=3, cue=cue, spurious=spurious)
+    rows, cols = synthetic.cue_region(64)
+    region = np.zeros((64, 64), bool)
+    region[rows, cols] = True
+    for i in range(12):
+        image, heat, label = synthetic.make_example(i, spec)
+        drawn = synthetic.example_cue(i, spec)
+        same = synthetic.make_example(i, spec, cue_class=drawn)
+        np.testing.assert_array_equal(same[0], image)
+        other, other_heat, other_label = synthetic.make_example(i, spec, cue_class=(drawn + 1) % 10)
+        np.testing.assert_array_equal(other_heat, heat)
+        assert other_label == label
+        changed = np.any(other != image, axis=-1)
+        if cue == "patch":
+            assert changed[region].all() and not changed[~region].any()
+            colour = synthetic._class_colour((drawn + 1) % 10, 10) * 0.9 * 255
+            np.testing.assert_allclose(other[rows, cols].reshape(-1, 3).mean(0), colour, atol=1e-3)
+        else:
+            assert changed.mean() > 0.5  # the tint colours the background
+    uninformative = synthetic.SynthSpec(size=64, seed=3, cue=cue, spurious=0.0)
+    for i in range(12):
+        a = synthetic.make_example(i, spec)[0]
+        b = synthetic.make_example(i, uninformative, cue_class=synthetic.example_cue(i, spec))[0]
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="cue_class"):
+        synthetic.make_example(0, spec, cue_class=10)
+
+
+def test_cue_region_is_the_patch_rule():
+    for size in (32, 64, 224, 256):
+        rows, _ = synthetic.cue_region(size)
+        inside = [j for j in range(size) if synthetic.PATCH[0] <= j / size < synthetic.PATCH[1]]
+        assert list(range(size))[rows] == inside

@@ -19,6 +19,10 @@ reliance). Two carriers:
   shortcut is almost invisible to that loss;
 - ``'none'``: neither.
 
+The **cue-swap test** regenerates an example with only its cue changed (``make_example(i, spec,
+cue_class=k)``: the same draws, every pixel outside the cue and the map unchanged); :func:`example_cue`
+gives the class an example's cue shows and :func:`cue_region` the patch's pixels at any image size.
+
 Everything is a function of ``(seed, image index)``: the same seed gives the same images whatever the
 number of shards or the order of generation.
 """
@@ -26,6 +30,7 @@ number of shards or the order of generation.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import numpy as np
 from scipy import ndimage
@@ -100,13 +105,45 @@ def _class_colour(c: int, num_classes: int) -> np.ndarray:
     return 1.0 - np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0)  # HSV(h, 1, 1) -> RGB
 
 
+def cue_of(rng: np.random.Generator, label: int, spec: SynthSpec) -> int:
+    """The class whose colour the cue shows: ``label`` with probability ``spurious``, else a uniformly
+    drawn class. Both draws are always made, so examples of the same seed and index differ only in
+    their cue whatever ``spurious`` is."""
+    informative = rng.random() < spec.spurious
+    other = int(rng.integers(spec.num_classes))
+    return label if informative else other
+
+
+def example_cue(index: int, spec: SynthSpec) -> int:
+    """The class whose colour example ``index`` shows as its cue (what :func:`make_example` draws)."""
+    rng = np.random.default_rng([spec.seed, index])
+    s = spec.size
+    rng.normal(size=(s // 8, s // 8))  # the background texture is drawn first
+    return cue_of(rng, int(index % spec.num_classes), spec)
+
+
+def cue_region(size: int) -> tuple[slice, slice]:
+    """(rows, columns) of the patch cue in an image of side ``size``: the pixels whose top-left corner
+    ``(j / size)`` lies in ``[PATCH[0], PATCH[1])``, the rule :func:`make_example` paints with (on the
+    generated side; on a resized image the region's edge is blurred by about one pixel)."""
+    lo, hi = (int(np.ceil(PATCH[0] * size - 1e-9)), int(np.ceil(PATCH[1] * size - 1e-9)))
+    return slice(lo, hi), slice(lo, hi)
+
+
 def _blur(x: np.ndarray, sigma_px: float) -> np.ndarray:
     """Gaussian blur with reflective edges (the map's "click aggregation")."""
     return ndimage.gaussian_filter(x, sigma_px, mode="reflect")
 
 
-def make_example(index: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, int]:
-    """(image float32 (S, S, 3) in 0..255, map float32 (S, S) in 0..255, label) for one index."""
+def make_example(index: int, spec: SynthSpec, cue_class: Optional[int] = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(image float32 (S, S, 3) in 0..255, map float32 (S, S) in 0..255, label) for one index.
+
+    ``cue_class`` paints the cue in that class's colour instead of the drawn one; every other pixel and
+    the map are those of the unchanged example (the random draws are the same): the images of the
+    cue-swap test.
+    """
+    if cue_class is not None and not 0 <= int(cue_class) < spec.num_classes:
+        raise ValueError(f"cue_class must be in [0, {spec.num_classes}), got {cue_class}")
     rng = np.random.default_rng([spec.seed, index])
     s = spec.size
     label = int(index % spec.num_classes)
@@ -117,7 +154,9 @@ def make_example(index: int, spec: SynthSpec) -> tuple[np.ndarray, np.ndarray, i
     texture = np.kron(texture, np.ones((8, 8)))[:s, :s]
     base = 0.45 + 0.12 * texture / (np.abs(texture).max() + 1e-6)
     image = np.repeat(base[..., None], 3, axis=-1)
-    cue = label if rng.random() < spec.spurious else int(rng.integers(spec.num_classes))
+    cue = cue_of(rng, label, spec)
+    if cue_class is not None:
+        cue = int(cue_class)
     background = cue if spec.cue == "tint" else int(rng.integers(spec.num_classes))
     image = 0.55 * image + 0.45 * _class_colour(background, spec.num_classes) * (0.6 + 0.4 * base[..., None])
 
