@@ -40,7 +40,9 @@ import ml_collections
 from advalign_jax.data import embedded_files
 from advalign_jax.data.config_block import data_block
 
-DEMO_MODELS = ("small_cnn=checkpoints/small_cnn_vanilla", "small_cnn=checkpoints/small_cnn_harmonized")
+DEMO_MODELS = ("small_cnn=checkpoints/small_cnn_vanilla", "small_cnn=checkpoints/small_cnn_randomcue",
+               "small_cnn=checkpoints/small_cnn_harmonized")
+DEMO_IMAGE_SIZE = 64  # the demonstration models' input size
 
 
 def get_config(arg: str = "default"):
@@ -78,6 +80,8 @@ def get_config(arg: str = "default"):
     c.resize_to_model = True  # resize images (and maps) to a model's input size when they differ
     c.resize_method = "bicubic"
     c.num_panels = 6
+    c.cue_swap = True  # the cue-swap test where the data's metadata describes a synthetic patch cue
+    c.bootstrap = ml_collections.ConfigDict({"resamples": 10000, "confidence": 0.95, "seed": 0})
     c.dtype = "float32"
     c.max_images = -1  # evaluate only the first N records (-1: all)
     c.seed = 0
@@ -85,7 +89,7 @@ def get_config(arg: str = "default"):
     c.num_devices = 0  # use the first N devices (0: all)
 
     if arg == "default":
-        pass
+        c.data.image_size = DEMO_IMAGE_SIZE
     elif arg in ("clickme", "reference"):
         c.data.files = ("clickme_test_1000.tfrecords",)
         c.data.num_classes = 1000
@@ -97,8 +101,8 @@ def get_config(arg: str = "default"):
             c.attack_domain = "minmax"
     elif arg == "runlocal":
         c.data.batch_size = 4
-        c.data.image_size = 64
-        c.resize_to_model = False  # the small CNN takes any size: attack at 64 px
+        c.data.image_size = DEMO_IMAGE_SIZE
+        c.resize_to_model = False  # the small CNN takes any size (the tests give other sizes)
         c.max_images = 8
         c.models = (DEMO_MODELS[0],)
         c.num_panels = 2

@@ -27,7 +27,9 @@ import ml_collections
 from advalign_jax.data import embedded_files
 from advalign_jax.data.config_block import data_block
 
-DEMO_MODELS = ("small_cnn=checkpoints/small_cnn_vanilla", "small_cnn=checkpoints/small_cnn_harmonized")
+DEMO_MODELS = ("small_cnn=checkpoints/small_cnn_vanilla", "small_cnn=checkpoints/small_cnn_randomcue",
+               "small_cnn=checkpoints/small_cnn_harmonized")
+DEMO_IMAGE_SIZE = 64  # the demonstration models' input size
 
 
 def get_config(arg: str = "default"):
@@ -38,13 +40,15 @@ def get_config(arg: str = "default"):
     c.saliency = "gradient"  # 'gradient' (|d logit_y / dx|, max over channels) or 'smoothgrad'
     c.smoothgrad = ml_collections.ConfigDict({"samples": 16, "sigma": 0.15})
     c.num_panels = 6
+    c.cue_swap = True  # the cue-swap test where the data's metadata describes a synthetic patch cue
+    c.bootstrap = ml_collections.ConfigDict({"resamples": 10000, "confidence": 0.95, "seed": 0})
     c.dtype = "float32"
     c.max_images = -1
     c.seed = 0
     c.distributed = False
     c.num_devices = 0
     if arg == "default":
-        pass
+        c.data.image_size = DEMO_IMAGE_SIZE
     elif arg == "clickme":
         c.data.files = ("clickme/val-*.tfrecords",)
         c.data.num_classes = 1000
@@ -52,7 +56,7 @@ def get_config(arg: str = "default"):
         c.models = ("resnet50v2=checkpoints/resnet50v2_harmonized",)
     elif arg == "runlocal":
         c.data.batch_size = 8
-        c.data.image_size = 64
+        c.data.image_size = DEMO_IMAGE_SIZE
         c.max_images = 8
         c.models = (DEMO_MODELS[0],)
         c.num_panels = 2

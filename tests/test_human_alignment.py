@@ -10,7 +10,7 @@ import torch
 
 from advalign_jax.config import load_config
 from advalign_jax.evaluation import human_alignment as ha
-from advalign_jax.evaluation import saliency
+from advalign_jax.evaluation import saliency, stats
 from advalign_jax.models import get_model, save_model
 from reference_attacks import TorchMLP
 
@@ -53,12 +53,21 @@ def test_smoothgrad_is_the_mean_over_noisy_copies(mlp):
 
 
 def test_score_is_mean_spearman_over_the_human_ceiling():
-    rows = [{"spearman": "0.5", "pred": "1", "label": "1", "dice": "0.4", "iou": "0.2"},
-            {"spearman": "nan", "pred": "0", "label": "1", "dice": "0.1", "iou": "0.05"},
-            {"spearman": "0.3", "pred": "2", "label": "2", "dice": "0.3", "iou": "0.1"}]
-    row = ha.summarise("m", rows, 1.0)
+    no_cue = {"cue_mass": "nan", "cue": "-1", "swap_cue": "-1", "swap_pred": "-1", "congruent_pred": "-1"}
+    rows = [{"spearman": "0.5", "pred": "1", "label": "1", "dice": "0.4", "iou": "0.2", **no_cue},
+            {"spearman": "nan", "pred": "0", "label": "1", "dice": "0.1", "iou": "0.05", **no_cue},
+            {"spearman": "0.3", "pred": "2", "label": "2", "dice": "0.3", "iou": "0.1", **no_cue}]
+    boot = {"resamples": 2000, "confidence": 0.95, "seed": 4}
+    row = ha.summarise("m", rows, 1.0, boot=boot)
     assert row["avg_spearman"] == pytest.approx(0.4) and row["num_undefined_spearman"] == 1
     assert row["human_alignment"] == pytest.approx(0.4 / 0.65753) and row["accuracy"] == pytest.approx(2 / 3)
+    # intervals: the bootstrap of the defined values; the score's is the Spearman interval over the ceiling
+    low, high = stats.bootstrap_interval([0.5, 0.3], **boot)
+    assert (row["avg_spearman_low"], row["avg_spearman_high"]) == (low, high)
+    assert row["human_alignment_low"] == pytest.approx(low / 0.65753)
+    assert row["human_alignment_high"] == pytest.approx(high / 0.65753)
+    assert (row["accuracy_low"], row["accuracy_high"]) == stats.bootstrap_interval([1.0, 0.0, 1.0], **boot)
+    assert np.isnan(row["cue_swap_accuracy"]) and np.isnan(row["avg_cue_mass"])  # no cue-swap test
 
 
 def test_evaluate_clickme_run(tmp_path):

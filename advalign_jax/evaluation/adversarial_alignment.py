@@ -6,14 +6,27 @@ map, and Dice/IoU of their top 10%. Output files (``../shared/spec/adversarial_a
 in ``workdir``:
 
 - ``per_image/<model>.csv``: ``model,img,label,pred,eps,l2,linf,spearman`` (the reference's columns;
-  ``img`` is the record index) then ``clean_pred,status,dice,iou``. ``status`` is ``attacked``,
-  ``misclassified`` (skipped, as in the reference) or ``no_finite_tolerance`` (not fooled at the gate
-  radius). Undefined Spearman values (a constant map) are written as ``nan``.
+  ``img`` is the record index) then ``clean_pred,status,dice,iou`` and the cue columns
+  ``cue_mass,cue,swap_cue,swap_pred,congruent_pred`` (:mod:`advalign_jax.evaluation.runner`;
+  ``cue_mass``: the share of the perturbation mask inside the synthetic data's patch). ``status`` is
+  ``attacked``, ``misclassified`` (skipped, as in the reference) or ``no_finite_tolerance`` (not
+  fooled at the gate radius). Undefined Spearman values (a constant map) are written as ``nan``.
 - ``summary.csv``: ``model,num_correct,avg_eps,std_eps,avg_l2,std_l2,avg_linf,std_linf,avg_spearman,
   std_spearman`` (means and population standard deviations over the attacked images, Spearman over
   the attacked images where it is defined) then ``num_images,num_attacked,num_no_finite_tolerance,
-  num_undefined_spearman,avg_dice,avg_iou,wall_time_s``.
-- ``tolerance_vs_alignment.png``: mean L2 of the attacks against mean Spearman, one point per model.
+  num_undefined_spearman,avg_dice,avg_iou``, the bootstrap intervals ``avg_eps_low,avg_eps_high,
+  avg_spearman_low,avg_spearman_high,avg_dice_low,avg_dice_high``, ``avg_cue_mass`` with its interval,
+  the cue-swap test ``cue_swap_accuracy`` (with its interval), ``cue_congruent_accuracy,
+  cue_follow_rate``, then ``bootstrap_resamples,wall_time_s``.
+- ``comparison.csv`` (two models or more): paired differences ``b - a`` of ``eps``, ``spearman``,
+  ``dice``, ``cue_mass`` (over the images both models attacked) and ``cue_swap_correct`` (over all
+  images), with their bootstrap intervals and Wilcoxon p-values (:func:`runner.compare_models`).
+- ``tolerance_vs_alignment.png``: mean minimal eps against mean Spearman, one point per model, with
+  the 95% intervals as error bars, on axes that do not magnify a gap inside its noise
+  (:func:`runner.honest_limits`: the eps axis starts at 0; the Spearman axis spans at least 0.5 and
+  four times the widest interval).
+- ``perturbations.png``: the same images for every model: the image and its human map, then each
+  model's perturbation mask, with the patch cue's square drawn where the data has one.
 - ``panels/<model>.png``: image, human map, adversarial image and perturbation map of a few images.
 - ``config.json``: the configuration that produced the results.
 
@@ -37,15 +50,27 @@ from advalign_jax.attacks.search import ReferenceSearch, doubling_search, refere
 from advalign_jax.errors import ConfigError
 from advalign_jax.evaluation import metrics, runner
 from advalign_jax.evaluation.results import format_table
+from advalign_jax.evaluation.runner import format_comparison, format_interval
 
 PER_IMAGE_COLUMNS = ["model", "img", "label", "pred", "eps", "l2", "linf", "spearman",
-                     "clean_pred", "status", "dice", "iou"]
+                     "clean_pred", "status", "dice", "iou", *runner.CUE_COLUMNS]
 SUMMARY_COLUMNS = ["model", "num_correct", "avg_eps", "std_eps", "avg_l2", "std_l2", "avg_linf", "std_linf",
                    "avg_spearman", "std_spearman", "num_images", "num_attacked", "num_no_finite_tolerance",
-                   "num_undefined_spearman", "avg_dice", "avg_iou", "wall_time_s"]
+                   "num_undefined_spearman", "avg_dice", "avg_iou", "avg_eps_low", "avg_eps_high",
+                   "avg_spearman_low", "avg_spearman_high", "avg_dice_low", "avg_dice_high", "avg_cue_mass",
+                   "avg_cue_mass_low", "avg_cue_mass_high", *runner.CUE_SUMMARY_COLUMNS, "bootstrap_resamples",
+                   "wall_time_s"]
 # Config keys whose values decide the results (a resumed run must agree on them).
 RESULT_KEYS = ("data", "attack", "search", "attack_domain", "minmax_group", "resize_to_model", "resize_method",
-               "dtype", "max_images", "seed")
+               "dtype", "max_images", "seed", "cue_swap")
+# The paired comparisons between models (comparison.csv): per-image value, NaN where undefined.
+COMPARISON_METRICS = {
+    "eps": lambda r: float(r["eps"]) if r["status"] == "attacked" else float("nan"),
+    "spearman": lambda r: float(r["spearman"]) if r["status"] == "attacked" else float("nan"),
+    "dice": lambda r: float(r["dice"]) if r["status"] == "attacked" else float("nan"),
+    "cue_mass": lambda r: float(r["cue_mass"]) if r["status"] == "attacked" else float("nan"),
+    "cue_swap_correct": runner.swap_correct,
+}
 
 
 def attack_config(c) -> PGDConfig:
@@ -116,8 +141,10 @@ def to_attack_domain(x, domain: str, norm, groups=None):
     raise ConfigError(f"attack_domain must be 'unit', 'minmax' or 'standardized', got {domain!r}")
 
 
-def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
-    """A jitted ``(variables, images, heatmaps, labels, index, mask) -> per-image results`` for one model."""
+def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch, has_cue: bool = False):
+    """A jitted ``(variables, images, heatmaps, labels, index, mask, variants) -> per-image results`` for
+    one model (:class:`runner.Task`); ``has_cue``: also the share of the perturbation inside the
+    synthetic data's patch (``cue_mass``)."""
     domain = config.attack_domain
     norm = model.module.norm if hasattr(model.module, "norm") else None
     attack_model = model
@@ -129,14 +156,19 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
 
     group = int(config.minmax_group)
 
-    def fn(variables, images, heatmaps, labels, index, mask):
+    def resized(images):
         if config.resize_to_model and images.shape[1:3] != tuple(model.input_shape[:2]):
             size = model.input_shape[:2]
-            images = jax.image.resize(images, (images.shape[0], *size, 3), method=config.resize_method)
-            heatmaps = jax.image.resize(heatmaps, (heatmaps.shape[0], *size), method=config.resize_method)
+            return jax.image.resize(images, (images.shape[0], *size, *images.shape[3:]), method=config.resize_method)
+        return images
+
+    def fn(variables, images, heatmaps, labels, index, mask, variants):
+        images, heatmaps = resized(images), resized(heatmaps)
         groups = minmax_groups(index, mask, group)
         x = to_attack_domain(images, domain, norm, groups)
         logits_fn = attack_model.logits_fn(variables)
+        extra = {f"pred_{v}": jnp.argmax(logits_fn(to_attack_domain(resized(im), domain, norm, groups)), axis=-1)
+                 for v, im in variants.items()}
         if s.kind == "reference":
             out = reference_search(logits_fn, x, labels, attack, search, key=jax.random.PRNGKey(config.seed))
         else:
@@ -144,7 +176,10 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
                                   steps=s.bisection_steps, key=jax.random.PRNGKey(config.seed))
         d = out["x_adv"] - x
         pmask = metrics.perturbation_mask(out["x_adv"], x)
+        if has_cue:
+            extra["cue_mass"] = metrics.region_fraction(pmask, cue_mask(x.shape[1]))
         return {
+            **extra,
             "clean_pred": out["clean_pred"], "correct": out["correct"], "fooled": out["fooled"],
             "eps": out["eps"], "pred": out["pred"], "l2": metrics.l2_norm(d), "linf": metrics.linf_norm(d),
             "spearman": metrics.spearman(pmask, heatmaps),
@@ -161,8 +196,19 @@ def make_batch_fn(model, config, attack: PGDConfig, search: ReferenceSearch):
 # ----------------------------------------------------------------------------------------------------
 
 
-def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
-    """The summary row of one model from its per-image rows (module docstring)."""
+def cue_mask(size: int) -> np.ndarray:
+    """(size, size) 0/1: the synthetic data's patch cue at this image size."""
+    from advalign_jax.data.synthetic import cue_region  # pylint: disable=import-outside-toplevel
+
+    m = np.zeros((size, size), np.float32)
+    m[cue_region(size)] = 1.0
+    return m
+
+
+def summarise(name: str, rows: Sequence[dict], wall_time: float, boot: dict | None = None) -> dict:
+    """The summary row of one model from its per-image rows (module docstring); ``boot``: the bootstrap
+    options (:func:`runner.bootstrap_options`)."""
+    boot = boot or {"resamples": 10_000, "confidence": 0.95, "seed": 0}
     status = [r["status"] for r in rows]
     attacked = [r for r in rows if r["status"] == "attacked"]
 
@@ -179,7 +225,7 @@ def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
     def std(a):
         return float(np.std(a)) if a.size else float("nan")
 
-    return {
+    row = {
         "model": name, "num_correct": sum(s != "misclassified" for s in status),
         "avg_eps": mean(eps), "std_eps": std(eps), "avg_l2": mean(l2), "std_l2": std(l2),
         "avg_linf": mean(linf), "std_linf": std(linf), "avg_spearman": mean(rho_ok), "std_spearman": std(rho_ok),
@@ -187,8 +233,14 @@ def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
         "num_no_finite_tolerance": status.count("no_finite_tolerance"),
         "num_undefined_spearman": int(rho.size - rho_ok.size),
         "avg_dice": mean(col("dice", attacked)), "avg_iou": mean(col("iou", attacked)),
-        "wall_time_s": round(wall_time, 3),
     }
+    for key, values in (("avg_eps", eps), ("avg_spearman", rho_ok), ("avg_dice", col("dice", attacked)),
+                        ("avg_cue_mass", col("cue_mass", attacked))):
+        runner.with_interval(row, key, values, boot)
+    row.update(runner.cue_summary(rows, boot))
+    row["bootstrap_resamples"] = boot["resamples"]
+    row["wall_time_s"] = round(wall_time, 3)
+    return row
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -197,25 +249,64 @@ def summarise(name: str, rows: Sequence[dict], wall_time: float) -> dict:
 
 
 def plot_scatter(path: str, summary: Sequence[dict]) -> None:
+    """Mean minimal eps (perturbation tolerance) against mean Spearman (adversarial alignment), one point
+    per model with its 95% bootstrap intervals as error bars. The axes follow
+    :func:`runner.honest_limits`: eps from 0 (a ratio scale), Spearman over at least 0.5 of its [-1, 1]
+    range and four times the widest interval, so a gap inside the intervals never fills the figure."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
-    for row in summary:
-        x, y = float(row["avg_l2"]), float(row["avg_spearman"])
-        if math.isfinite(x) and math.isfinite(y):
-            ax.scatter([x], [y], s=40)
-            ax.annotate(row["model"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("perturbation tolerance (mean L2 of the smallest attack)")
-    ax.set_ylabel("adversarial alignment (mean Spearman)")
+    def get(row, key):
+        try:
+            return float(row.get(key, "nan"))
+        except (TypeError, ValueError):
+            return float("nan")
+
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    xs, ys = [], []
+    for i, row in enumerate(summary):
+        x, y = get(row, "avg_eps"), get(row, "avg_spearman")
+        if not (math.isfinite(x) and math.isfinite(y)):
+            continue
+        xe = [[x - get(row, "avg_eps_low")], [get(row, "avg_eps_high") - x]]
+        ye = [[y - get(row, "avg_spearman_low")], [get(row, "avg_spearman_high") - y]]
+        xe = xe if all(math.isfinite(v[0]) for v in xe) else None
+        ye = ye if all(math.isfinite(v[0]) for v in ye) else None
+        ax.errorbar([x], [y], xerr=xe, yerr=ye, fmt="o", ms=6, capsize=4, color=f"C{i}", label=row["model"])
+        xs.append((x, get(row, "avg_eps_low"), get(row, "avg_eps_high")))
+        ys.append((y, get(row, "avg_spearman_low"), get(row, "avg_spearman_high")))
+    if xs:
+        ax.set_xlim(*runner.honest_limits(*zip(*xs), min_span=0.0, bounds=(0.0, math.inf), include=0.0))
+        ax.set_ylim(*runner.honest_limits(*zip(*ys), min_span=0.5, bounds=(-1.0, 1.0)))
+        ax.legend(fontsize=8, loc="best")
+    ax.set_xlabel("perturbation tolerance: mean minimal eps (L2), 95% CI")
+    ax.set_ylabel("adversarial alignment: mean Spearman, 95% CI")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     runner.save_figure(fig, path, dpi=110)
 
 
-def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
+def _show(im, lo=None, hi=None):
+    lo = float(im.min()) if lo is None else lo
+    hi = float(im.max()) if hi is None else hi
+    return np.clip((im - lo) / max(hi - lo, 1e-12), 0, 1)
+
+
+def draw_cue(ax, size: int, has_cue: bool) -> None:
+    """Outlines the synthetic data's patch cue on an image axis of side ``size``."""
+    if not has_cue:
+        return
+    import matplotlib.patches as mpatches  # pylint: disable=import-outside-toplevel
+    from advalign_jax.data.synthetic import cue_region  # pylint: disable=import-outside-toplevel
+
+    rows, _ = cue_region(size)
+    ax.add_patch(mpatches.Rectangle((rows.start - 0.5, rows.start - 0.5), rows.stop - rows.start,
+                                    rows.stop - rows.start, fill=False, edgecolor="white", lw=1.2, ls="--"))
+
+
+def plot_panels(path: str, name: str, panels: Sequence[dict], has_cue: bool = False) -> None:
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -226,18 +317,59 @@ def plot_panels(path: str, name: str, panels: Sequence[dict]) -> None:
     fig, axes = plt.subplots(len(panels), 4, figsize=(9, 2.3 * len(panels)), squeeze=False)
     for row, p in zip(axes, panels):
         lo, hi = float(p["x"].min()), float(p["x"].max())
-        show = lambda im: np.clip((im - lo) / max(hi - lo, 1e-12), 0, 1)  # noqa: E731
-        row[0].imshow(show(p["x"]))
+        size = p["x"].shape[0]
+        row[0].imshow(_show(p["x"], lo, hi))
         row[0].set_title(f"#{p['img']} label {p['label']}", fontsize=8)
         row[1].imshow(p["heatmap"], cmap="jet")
         row[1].set_title("human map", fontsize=8)
-        row[2].imshow(show(p["x_adv"]))
+        row[2].imshow(_show(p["x_adv"], lo, hi))
         row[2].set_title(f"adversarial: {p['pred']} (eps {p['eps']:.3g})", fontsize=8)
         row[3].imshow(p["pmask"], cmap="inferno")
         row[3].set_title(f"|mean perturbation|, rho {p['spearman']:.2f}", fontsize=8)
         for ax in row:
+            draw_cue(ax, size, has_cue)
             ax.axis("off")
-    fig.suptitle(name, fontsize=10)
+    fig.suptitle(name + ("  (dashed: the spurious patch cue)" if has_cue else ""), fontsize=10)
+    fig.tight_layout()
+    runner.save_figure(fig, path, dpi=90)
+
+
+def plot_models(path: str, named_panels: Sequence[tuple], has_cue: bool = False, max_images: int = 6) -> None:
+    """The same images for every model: image, human map, then each model's perturbation mask (its own
+    colour scale; ``rho``: Spearman with the human map; ``cue``: share of the mask inside the patch),
+    with the patch cue outlined. Images are the first ones (record order) that some model attacked; a
+    model that did not attack an image shows an empty cell."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    by_model = [(name, {int(p["img"]): p for p in panels}) for name, panels in named_panels]
+    images = sorted(set().union(*(set(d) for _, d in by_model)))[:max_images]
+    if not images:
+        return
+    ncol = 2 + len(by_model)
+    fig, axes = plt.subplots(len(images), ncol, figsize=(1.9 * ncol, 2.0 * len(images) + 0.4), squeeze=False)
+    for row, img in zip(axes, images):
+        first = next(d[img] for _, d in by_model if img in d)
+        size = first["x"].shape[0]
+        row[0].imshow(_show(first["x"]))
+        row[0].set_title(f"#{img}, label {first['label']}", fontsize=7)
+        row[1].imshow(first["heatmap"], cmap="jet")
+        row[1].set_title("human map", fontsize=7)
+        for ax, (name, d) in zip(row[2:], by_model):
+            if img in d:
+                p = d[img]
+                ax.imshow(p["pmask"], cmap="inferno")
+                cue = f", cue {float(p['cue_mass']):.2f}" if has_cue and "cue_mass" in p else ""
+                ax.set_title(f"{name}\neps {float(p['eps']):.2f}, rho {float(p['spearman']):.2f}{cue}", fontsize=6)
+            else:
+                ax.set_title(f"{name}\nnot attacked", fontsize=6)
+        for ax in row:
+            draw_cue(ax, size, has_cue)
+            ax.axis("off")
+    fig.suptitle("smallest attacks (|mean perturbation|) next to the human map"
+                 + ("; dashed: the spurious patch cue" if has_cue else ""), fontsize=9)
     fig.tight_layout()
     runner.save_figure(fig, path, dpi=90)
 
@@ -261,6 +393,7 @@ def _check_groups(out: dict, meta: dict, group: int) -> None:
 
 def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str, gate: float) -> list[dict]:
     rows = []
+    attack_keys = ("eps", "l2", "linf", "spearman", "dice", "iou", "cue_mass")
     for k in np.flatnonzero(meta["mask"]):
         img = int(meta["index"][k])
         if img in done:
@@ -269,14 +402,14 @@ def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str,
         row = {"model": name, "img": img, "label": int(meta["label"][k]), "clean_pred": int(out["clean_pred"][k]),
                "pred": int(out["pred"][k]), "eps": float(out["eps"][k]), "l2": float(out["l2"][k]),
                "linf": float(out["linf"][k]), "spearman": float(out["spearman"][k]),
-               "dice": float(out["dice"][k]), "iou": float(out["iou"][k])}
+               "dice": float(out["dice"][k]), "iou": float(out["iou"][k]), **runner.cue_fields(out, meta, k)}
         if not correct:
             row.update(status="misclassified", pred=row["clean_pred"])
-            for key in ("eps", "l2", "linf", "spearman", "dice", "iou"):
+            for key in attack_keys:
                 row[key] = float("nan")
         elif not fooled and unfooled == "drop":
             row["status"] = "no_finite_tolerance"
-            for key in ("eps", "l2", "linf", "spearman", "dice", "iou"):
+            for key in attack_keys:
                 row[key] = float("nan")
         else:
             row["status"] = "attacked"
@@ -299,15 +432,17 @@ def task(config) -> runner.Task:
     to_attack_domain(jnp.zeros((1, 2, 2, 3)), config.attack_domain, lambda x: x)  # validates the name
     if int(config.minmax_group) < 1:
         raise ConfigError(f"minmax_group must be at least 1, got {config.minmax_group}")
+    boot = runner.bootstrap_options(config)
     return runner.Task(
         result_keys=RESULT_KEYS, per_image_columns=PER_IMAGE_COLUMNS, summary_columns=SUMMARY_COLUMNS,
-        make_batch_fn=lambda model: make_batch_fn(model, config, attack, search),
+        make_batch_fn=lambda model, has_cue: make_batch_fn(model, config, attack, search, has_cue),
         rows=lambda name, host, meta, done: _rows(config, name, host, meta, done),
-        summarise=summarise,
+        summarise=lambda name, rows, seconds: summarise(name, rows, seconds, boot),
         keep_picture=lambda host, k: bool(host["correct"][k] and host["fooled"][k]),
         plot_panels=plot_panels,
         plot_summary=lambda workdir, rows, changed: runner.replot(
-            os.path.join(workdir, "tolerance_vs_alignment.png"), changed, lambda path: plot_scatter(path, rows)))
+            os.path.join(workdir, "tolerance_vs_alignment.png"), changed, lambda path: plot_scatter(path, rows)),
+        comparison_metrics=COMPARISON_METRICS, plot_models=plot_models, models_figure="perturbations.png")
 
 
 def evaluate(config, progress: bool = True) -> list[dict]:
@@ -316,7 +451,21 @@ def evaluate(config, progress: bool = True) -> list[dict]:
 
 
 def format_summary(rows: Sequence[dict]) -> str:
-    """The main summary columns as a text table."""
-    return format_table(rows, ["model", "num_correct", "num_attacked", "avg_eps", "avg_l2", "avg_linf",
-                               "avg_spearman", "num_undefined_spearman", "num_no_finite_tolerance",
-                               "wall_time_s"])
+    """The main summary columns as a text table (means with their 95% intervals), then the paired
+    differences between the models (``rows.comparison``, :class:`runner.Summary`) where there are any."""
+    table = []
+    for r in rows:
+        table.append({"model": r["model"], "correct": f"{r['num_correct']}/{r['num_images']}",
+                      "attacked": r["num_attacked"],
+                      "min eps (L2)": format_interval(r, "avg_eps"),
+                      "spearman (attack, human)": format_interval(r, "avg_spearman"),
+                      "dice top 10%": format_interval(r, "avg_dice"),
+                      "attack on cue": format_interval(r, "avg_cue_mass"),
+                      "cue-swap acc": format_interval(r, "cue_swap_accuracy"),
+                      "time_s": r["wall_time_s"]})
+    text = format_table(table, list(table[0])) if table else ""
+    comparison = [c for c in getattr(rows, "comparison", []) if c["metric"] in ("eps", "spearman", "cue_swap_correct")]
+    if comparison:
+        text += ("\n\npaired differences on the same images (b - a, mean [95% bootstrap CI], Wilcoxon "
+                 "signed-rank p; *: the interval excludes 0; all metrics in comparison.csv)\n" + format_comparison(comparison))
+    return text

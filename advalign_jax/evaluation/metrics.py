@@ -10,6 +10,9 @@
 - :func:`top_fraction_dice`, :func:`top_fraction_iou`: maps binarised at their own 90th percentile
   (NumPy's linear interpolation; strictly greater), ``2|A∩B| / (|A|+|B|+1e-9)`` and
   ``|A∩B| / (|A∪B|+1e-9)``, as the harmonization package's ``evaluation/metrics.py``.
+- :func:`region_fraction`: the share of a non-negative map's mass inside a region,
+  ``sum_{p in R} m_p / sum_p m_p`` (NaN for an all-zero map); with the synthetic data's patch as ``R``,
+  how much of an attack or a saliency map lies on the spurious cue (the patch covers 1.4% of the image).
 """
 
 from __future__ import annotations
@@ -89,3 +92,12 @@ def top_fraction_iou(a, b, fraction: float = 0.1):
     inter = jnp.sum(jnp.logical_and(ba, bb), axis=1).astype(jnp.float32)
     union = jnp.sum(jnp.logical_or(ba, bb), axis=1).astype(jnp.float32)
     return inter / (union + DICE_EPS)
+
+
+def region_fraction(m, region):
+    """``sum(m * region) / sum(m)`` per image for maps (N, H, W) >= 0 and a (H, W) 0/1 ``region``; NaN
+    where a map is all zero."""
+    flat = m.reshape(m.shape[0], -1).astype(jnp.float32)
+    total = jnp.sum(flat, axis=1)
+    inside = flat @ jnp.reshape(region, (-1,)).astype(jnp.float32)
+    return jnp.where(total > 0, inside / jnp.where(total > 0, total, 1.0), jnp.nan)
