@@ -65,7 +65,7 @@ def _assert_same_parameters(a, b, rtol):
 
 
 EVALUATE = ["evaluate", "--config", "configs/adversarial_alignment.py:runlocal", "--no-progress",
-            "--config.data.image_size=224", "--config.max_images=12", "--config.data.batch_size=4"]
+            "--config.max_images=12", "--config.data.batch_size=4"]
 
 
 def test_evaluate_as_two_processes_writes_the_single_process_rows(tmp_path):
@@ -121,13 +121,13 @@ def test_a_killed_process_stops_the_run_and_the_rerun_resumes(tmp_path):
 
 
 def test_targets_as_two_processes_writes_the_single_process_shards(tmp_path):
-    from advalign_jax.losses import pag_targets as T
+    from advalign_jax.data import target_files as F
 
     args = ["targets", "--source", "digits", "--limit", "120", "--method", "nearest_neighbour", "--shards", "3",
             "--no-progress"]
     _ok(one(args + ["--out", str(tmp_path / "one")], devices=1))
     _ok(two(args + ["--out", str(tmp_path / "two")], devices=1))
-    read = lambda d: T.read_target_records(sorted(str(p) for p in d.glob("targets-*.tfrecords")))  # noqa: E731
+    read = lambda d: F.read_target_records(sorted(str(p) for p in d.glob("targets-*.tfrecords")))  # noqa: E731
     a, b = read(tmp_path / "one"), read(tmp_path / "two")
     np.testing.assert_array_equal(a.targets, b.targets)
     np.testing.assert_array_equal(a.images, b.images)

@@ -10,7 +10,7 @@ import pytest
 from advalign_jax.config import load_config
 from advalign_jax.data.images import load_arrays
 from advalign_jax.errors import ConfigError, DataError
-from advalign_jax.losses import pag_targets as T
+from advalign_jax.data import target_files as F
 from advalign_jax.training import inputs, optim
 from advalign_jax.training.trainer import train
 
@@ -87,13 +87,13 @@ def _targets(n, seed=0):
 def test_a_file_of_the_same_images_is_accepted(tmp_path):
     x, y = _split()
     t = _targets(len(x))
-    path = T.save_targets(str(tmp_path / "same.npz"), x, t, y)
+    path = F.save_targets(str(tmp_path / "same.npz"), x, t, y)
     stream = inputs.make("arrays", _digits(tmp_path, "a", f"objective.targets_file={path}"), 16)
     batch = next(stream)
     np.testing.assert_array_equal(batch["image"], x[batch["index"]])
     np.testing.assert_array_equal(batch["targets"], t[batch["index"]])
     # the same images stored in [-1, 1] (the official frame), declared as such
-    path = T.save_targets(str(tmp_path / "pm1.npy"), 2 * x - 1, t)
+    path = F.save_targets(str(tmp_path / "pm1.npy"), 2 * x - 1, t)
     inputs.make("arrays", _digits(tmp_path, "b", f"objective.targets_file={path}",
                                   "objective.targets_image_range=-1_1"), 16)
     with pytest.raises(DataError, match=r"pm1.npy: image 0 is not image 0 of the training split"):
@@ -105,18 +105,18 @@ def test_a_file_of_other_images_is_refused_by_index(tmp_path):
     t = _targets(len(x))
     order = np.arange(len(x))
     order[[57, 58]] = [58, 57]  # the same images, two of them in the other order
-    path = T.save_targets(str(tmp_path / "swapped.npz"), x[order], t[order])
+    path = F.save_targets(str(tmp_path / "swapped.npz"), x[order], t[order])
     with pytest.raises(DataError, match=r"^\S*swapped.npz: image 57 is not image 57 of the training split"):
         inputs.make("arrays", _digits(tmp_path, "s", f"objective.targets_file={path}"), 16)
     labels = y.copy()
     labels[3] = (labels[3] + 1) % 10
-    path = T.save_targets(str(tmp_path / "relabelled.npz"), x, t, labels)
+    path = F.save_targets(str(tmp_path / "relabelled.npz"), x, t, labels)
     with pytest.raises(DataError, match=rf"relabelled.npz: image 3 is labelled {labels[3]}, but the training split "
                                         rf"labels it {y[3]}"):
         inputs.make("arrays", _digits(tmp_path, "l", f"objective.targets_file={path}"), 16)
     x2 = x.copy()
     x2[120, 3, 4, 1] += 1 / 255  # one grey level, one pixel
-    path = T.save_targets(str(tmp_path / "pixel.npz"), x2, t)
+    path = F.save_targets(str(tmp_path / "pixel.npz"), x2, t)
     with pytest.raises(DataError, match=r"image 120 is not image 120"):
         inputs.make("arrays", _digits(tmp_path, "p", f"objective.targets_file={path}"), 16)
 
@@ -127,7 +127,7 @@ def test_training_on_the_files_own_images_and_labels(tmp_path):
     x, y = load_arrays("digits", "test", None, 64)  # images the training split does not hold
     t = _targets(len(x), seed=1)
     data = str(tmp_path / "sbg.npy")
-    T.save_targets(data, 2 * x - 1, t, layout="nchw")
+    F.save_targets(data, 2 * x - 1, t, layout="nchw")
     labels = str(tmp_path / "labels.npy")
     np.save(labels, y.astype(np.int64))
     overrides = [f"objective.targets_file={data}", "objective.targets_images=file",
@@ -153,10 +153,10 @@ def test_training_on_the_files_own_images_and_labels(tmp_path):
 def test_first_differing_image():
     a = np.zeros((5, 2, 2), np.float32)
     b = a.copy()
-    assert T.first_differing_image(a, b) is None
+    assert F.first_differing_image(a, b) is None
     b[3, 1, 0] = 2e-5
     b[4, 0, 0] = np.nan
-    assert T.first_differing_image(a, b, chunk=2) == (3, pytest.approx(2e-5))
+    assert F.first_differing_image(a, b, chunk=2) == (3, pytest.approx(2e-5))
     b[3] = 0
-    i, d = T.first_differing_image(a, b)
+    i, d = F.first_differing_image(a, b)
     assert i == 4 and np.isnan(d)

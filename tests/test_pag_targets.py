@@ -11,6 +11,7 @@ import pytest
 
 from advalign_jax.errors import DataError
 from advalign_jax.losses import pag_targets as T
+from advalign_jax.data import target_files as F
 
 
 def _data(n=30, shape=(4, 4, 3), c=3, seed=0):
@@ -199,96 +200,120 @@ def _set(n=5, c=3, shape=(4, 4, 3), seed=5):
 def test_array_file_round_trips(tmp_path, layout, ext):
     images, targets, labels = _set()
     path = str(tmp_path / f"t{ext}")
-    T.save_targets(path, images, targets, labels if ext == ".npz" else None, layout=layout)
+    F.save_targets(path, images, targets, labels if ext == ".npz" else None, layout=layout)
     raw = np.load(path) if ext == ".npy" else np.load(path)["data"]
     assert raw.shape == ((5, 4, 4, 4, 3) if layout == "nhwc" else (5, 4, 3, 4, 4))
     np.testing.assert_array_equal(raw[:, 0], images if layout == "nhwc" else np.moveaxis(images, -1, 1))
-    got = T.load_targets(path, num_classes=3, image_shape=(4, 4, 3), labels=labels if ext == ".npy" else None)
+    got = F.load_targets(path, num_classes=3, image_shape=(4, 4, 3), labels=labels if ext == ".npy" else None)
     np.testing.assert_array_equal(got.images, images)
     np.testing.assert_array_equal(got.targets, targets)
     np.testing.assert_array_equal(got.labels, labels)
     assert got.num_classes == 3
-    explicit = T.load_targets(path, layout=layout)
+    explicit = F.load_targets(path, layout=layout)
     np.testing.assert_array_equal(explicit.targets, targets)
 
 
 def test_official_layout_and_torch_file(tmp_path):
     torch = pytest.importorskip("torch")
     images, targets, labels = _set(n=4, c=10, shape=(32, 32, 3))
-    stacked = T.stack_targets(images, targets, "nchw")
+    stacked = F.stack_targets(images, targets, "nchw")
     assert stacked.shape == (4, 11, 3, 32, 32)  # the official SBG files
     torch.save(torch.tensor(stacked), tmp_path / "c10_sbg_data.pt")
     torch.save(torch.tensor(labels), tmp_path / "c10_sbg_label.pt")
-    got = T.load_targets(str(tmp_path / "c10_sbg_data.pt"), num_classes=10,
+    got = F.load_targets(str(tmp_path / "c10_sbg_data.pt"), num_classes=10,
                          labels_path=str(tmp_path / "c10_sbg_label.pt"))
     np.testing.assert_array_equal(got.targets, targets)
     np.testing.assert_array_equal(got.labels, labels)
-    np.testing.assert_allclose(T.rescale_images(2 * images - 1), images, atol=1e-6)
+    np.testing.assert_allclose(F.rescale_images(2 * images - 1), images, atol=1e-6)
 
 
 def test_points_layout(tmp_path):
     x = np.random.default_rng(0).normal(size=(7, 2)).astype(np.float32)
     y = np.arange(7) % 2
     g, _ = T.nearest_neighbour_targets_dataset(x, y, 2, chunk_size=2, query_batch=4)
-    T.save_targets(str(tmp_path / "toy.npz"), x, g, y)
-    got = T.load_targets(str(tmp_path / "toy.npz"), num_classes=2, image_shape=(2,))
+    F.save_targets(str(tmp_path / "toy.npz"), x, g, y)
+    got = F.load_targets(str(tmp_path / "toy.npz"), num_classes=2, image_shape=(2,))
     np.testing.assert_array_equal(got.targets, g)
 
 
 def test_tfrecord_round_trip(tmp_path):
     images, targets, labels = _set(n=7)
-    paths = T.write_target_records(str(tmp_path), "pag", images, targets, labels, num_shards=3)
+    paths = F.write_target_records(str(tmp_path), "pag", images, targets, labels, num_shards=3)
     assert len(paths) == 3
-    got = T.read_target_records(paths, num_classes=3, image_shape=(4, 4, 3))
+    got = F.read_target_records(paths, num_classes=3, image_shape=(4, 4, 3))
     np.testing.assert_array_equal(got.images, images)
     np.testing.assert_array_equal(got.targets, targets)
     np.testing.assert_array_equal(got.labels, labels)
-    batches = list(T.iter_target_records(paths, batch_size=3))
+    batches = list(F.iter_target_records(paths, batch_size=3))
     assert [len(b["index"]) for b in batches] == [3, 3, 1]
-    nolab = T.write_target_records(str(tmp_path / "b"), "pag", images, targets)
-    assert T.read_target_records(nolab).labels is None
+    nolab = F.write_target_records(str(tmp_path / "b"), "pag", images, targets)
+    assert F.read_target_records(nolab).labels is None
     with pytest.raises(DataError, match="already exists"):
-        T.write_target_records(str(tmp_path), "pag", images, targets, labels, num_shards=3)
+        F.write_target_records(str(tmp_path), "pag", images, targets, labels, num_shards=3)
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path):
     images, targets, labels = _set()
-    stacked = T.stack_targets(images, targets)
+    stacked = F.stack_targets(images, targets)
     with pytest.raises(DataError, match=r"holds 3 target gradients per image but the data has 10 classes"):
-        T.split_stacked(stacked, num_classes=10, source="f.npy")
+        F.split_stacked(stacked, num_classes=10, source="f.npy")
     with pytest.raises(DataError, match=r"images of shape \(4, 4, 3\).*\(32, 32, 3\)"):
-        T.split_stacked(stacked, image_shape=(32, 32, 3), source="f.npy")
+        F.split_stacked(stacked, image_shape=(32, 32, 3), source="f.npy")
     with pytest.raises(DataError, match="expected an array of shape"):
-        T.split_stacked(stacked[:, 0], source="f.npy")
+        F.split_stacked(stacked[:, 0], source="f.npy")
     with pytest.raises(DataError, match="5 images but 4 labels"):
-        T.split_stacked(stacked, labels=labels[:4], source="f.npy")
+        F.split_stacked(stacked, labels=labels[:4], source="f.npy")
     with pytest.raises(DataError, match="cannot tell NCHW from NHWC"):
-        T.split_stacked(np.zeros((2, 3, 3, 5, 3), np.float32), source="f.npy")
+        F.split_stacked(np.zeros((2, 3, 3, 5, 3), np.float32), source="f.npy")
     bad = stacked.copy()
     bad[3, 2, 1, 1, 0] = np.nan
     path = str(tmp_path / "bad.npy")
     np.save(path, bad)
     with pytest.raises(DataError) as err:
-        T.load_targets(path)
+        F.load_targets(path)
     msg = str(err.value)
     assert msg == f"{path}: the target gradient of image 3 for class 1 holds non-finite values"
     assert "\n" not in msg
     bad = stacked.copy()
     bad[1, 0, 0, 0, 0] = np.inf
     with pytest.raises(DataError, match="image 1 holds non-finite"):
-        T.split_stacked(bad, source="f.npy")
+        F.split_stacked(bad, source="f.npy")
     # TFRecords: a non-finite target names the file and the record; a wrong class count too
     bad_t = targets.copy()
     bad_t[4, 0, 0, 0, 0] = np.inf
-    paths = T.write_target_records(str(tmp_path / "r"), "bad", images, bad_t, labels)
+    paths = F.write_target_records(str(tmp_path / "r"), "bad", images, bad_t, labels)
     with pytest.raises(DataError, match=r"bad-0.tfrecords: record 4 \(image 4\): the target gradient "
                                         r"for class 0"):
-        T.read_target_records(paths)
-    paths = T.write_target_records(str(tmp_path / "r2"), "ok", images, targets, labels)
+        F.read_target_records(paths)
+    paths = F.write_target_records(str(tmp_path / "r2"), "ok", images, targets, labels)
     with pytest.raises(DataError, match=r"ok-0.tfrecords: record 0: holds 3 target gradients per image "
                                         r"but the data has 10 classes"):
-        T.read_target_records(paths, num_classes=10)
+        F.read_target_records(paths, num_classes=10)
     with pytest.raises(DataError, match="no such file"):
-        T.load_targets(str(tmp_path / "missing.npy"))
+        F.load_targets(str(tmp_path / "missing.npy"))
     with pytest.raises(DataError, match="do not fit"):
-        T.write_target_records(str(tmp_path / "r3"), "x", images, targets[:, :, :2])
+        F.write_target_records(str(tmp_path / "r3"), "x", images, targets[:, :, :2])
+
+
+@pytest.mark.parametrize("kind", ["npz", "npy", "tfrecords"])
+def test_a_truncated_target_file_is_one_line(tmp_path, kind):
+    """A target file cut short (a copy interrupted, a full disk) is named in one line that says what
+    to do, with no library text."""
+    rng = np.random.default_rng(0)
+    x = rng.random((6, 4, 4, 3)).astype(np.float32)
+    t = rng.normal(size=(6, 3, 4, 4, 3)).astype(np.float32)
+    if kind == "tfrecords":
+        path = F.write_target_records(str(tmp_path), "t", x, t)[0]
+    else:
+        path = F.save_targets(str(tmp_path / f"t.{kind}"), x, t)
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * 0.6)])
+    with pytest.raises(DataError) as err:
+        if kind == "tfrecords":
+            F.read_target_records([path])
+        else:
+            F.load_targets(path)
+    message = str(err.value)
+    assert message.count("\n") == 0 and path in message, message
+    assert "cut short" in message and "Op:" not in message and "[" not in message, message

@@ -10,7 +10,7 @@ import pytest
 from advalign_jax.cli.main import main
 from advalign_jax.config import load_config
 from advalign_jax.errors import AdvalignError, DataError
-from advalign_jax.losses import pag_targets as T
+from advalign_jax.data import target_files as F
 from advalign_jax.models import load_model
 from advalign_jax.training.seed_sweep import sweep
 from advalign_jax.training.trainer import train
@@ -85,7 +85,7 @@ def test_precomputed_targets_from_the_targets_command(tmp_path, shards, capsys):
             "--no-progress"] + (["--shards", str(shards)] if shards else [])
     assert main(args) == 0
     pattern = out if not shards else os.path.join(out, "targets-*.tfrecords")
-    loaded = T.load_targets(out) if not shards else T.read_target_records(sorted(
+    loaded = F.load_targets(out) if not shards else F.read_target_records(sorted(
         os.path.join(out, f) for f in os.listdir(out) if f.endswith(".tfrecords")))
     assert loaded.targets.shape == (200, 10, 16, 16, 3)
     # The stored targets are the brute-force nearest other image of each class, minus the image.
@@ -119,9 +119,9 @@ def test_non_finite_targets_are_named(tmp_path):
     x = np.random.default_rng(0).random((4, 16, 16, 3)).astype(np.float32)
     t = np.zeros((4, 10, 16, 16, 3), np.float32)
     t[2, 7, 3, 3, 1] = np.nan
-    path = T.save_targets(str(tmp_path / "nan.npz"), x, t)
+    path = F.save_targets(str(tmp_path / "nan.npz"), x, t)
     with pytest.raises(DataError, match=r"image 2.*class 7"):
-        T.load_targets(path)
+        F.load_targets(path)
 
 
 def test_pag_on_clickme_data_is_refused_clearly(tmp_path, small_shards):

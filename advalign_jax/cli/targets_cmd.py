@@ -1,7 +1,7 @@
 """``advalign-jax targets``: precompute PAG target gradients for a dataset and store them.
 
 Writes the reference layout (each image followed by its C target gradients) as ``.npz``/``.npy``, or
-TFRecord shards for large sets (one record per image; :mod:`advalign_jax.losses.pag_targets`). A
+TFRecord shards for large sets (one record per image; :mod:`advalign_jax.data.target_files`). A
 training config then reads them with ``objective.target_source='precomputed'`` and
 ``objective.targets_file=PATH`` (for shards: ``DIR/PREFIX-*.tfrecords``).
 """
@@ -76,6 +76,7 @@ def run_targets(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
     from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
     from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
     from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
 
@@ -100,7 +101,7 @@ def run_targets(args: argparse.Namespace) -> int:
         targets = compute_targets(args.method, images, labels, num_classes, progress=progress, **kw)
         tmp = f"{args.out}.tmp-{os.getpid()}{os.path.splitext(args.out)[1]}"
         try:  # written beside, then renamed: a full disk leaves no half file
-            T.save_targets(tmp, images, targets, labels)
+            F.save_targets(tmp, images, targets, labels)
             os.replace(tmp, args.out)
         except OSError as err:
             if os.path.exists(tmp):
@@ -137,7 +138,7 @@ def run_targets(args: argparse.Namespace) -> int:
                 targets = np.asarray(T.representative_targets(images[idx], reps), np.float32)
             tmp_dir = os.path.join(args.out, f".shard-{s}")
             with store.writing(path):
-                T.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
+                F.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
                 os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
                 os.rmdir(tmp_dir)
     parallel.sync("targets-written")

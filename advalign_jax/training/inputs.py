@@ -82,10 +82,10 @@ TARGET_IMAGES = ("verify", "file")
 
 
 def load_target_file(obj, num_classes: int):
-    """The :class:`~advalign_jax.losses.pag_targets.TargetSet` of ``objective.targets_file`` (.npy,
+    """The :class:`~advalign_jax.data.target_files.TargetSet` of ``objective.targets_file`` (.npy,
     .npz, .pt or a TFRecord shard pattern), with labels from ``objective.targets_labels_file`` when set,
     images mapped to [0, 1] from ``objective.targets_image_range``."""
-    from advalign_jax.losses import pag_targets  # pylint: disable=import-outside-toplevel
+    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
 
     if not obj.targets_file:
         raise ConfigError("objective.target_source='precomputed' needs objective.targets_file")
@@ -96,13 +96,13 @@ def load_target_file(obj, num_classes: int):
         shards = sorted(glob.glob(obj.targets_file))
         if not shards:
             raise DataError(f"{obj.targets_file}: no such file (objective.targets_file)")
-        loaded = pag_targets.read_target_records(shards, num_classes=num_classes)
+        loaded = F.read_target_records(shards, num_classes=num_classes)
     elif not os.path.exists(obj.targets_file):
         raise DataError(f"{obj.targets_file}: no such file (objective.targets_file)")
     else:
-        loaded = pag_targets.load_targets(obj.targets_file, num_classes=num_classes)
+        loaded = F.load_targets(obj.targets_file, num_classes=num_classes)
     if obj.targets_labels_file:
-        labels = pag_targets.load_labels(obj.targets_labels_file)
+        labels = F.load_labels(obj.targets_labels_file)
         if len(labels) != len(loaded.images):
             raise DataError(f"{obj.targets_labels_file}: {len(labels)} labels for the {len(loaded.images)} images "
                             f"of {obj.targets_file}")
@@ -111,7 +111,7 @@ def load_target_file(obj, num_classes: int):
                             f"found {labels.min()}..{labels.max()}")
         loaded.labels = labels
     if obj.targets_image_range != "0_1":
-        loaded.images = pag_targets.rescale_images(loaded.images, IMAGE_RANGES[obj.targets_image_range], (0.0, 1.0))
+        loaded.images = F.rescale_images(loaded.images, IMAGE_RANGES[obj.targets_image_range], (0.0, 1.0))
     return loaded
 
 
@@ -125,10 +125,11 @@ def precomputed_training_set(config):
       the first N. The test split still comes from ``config.arrays``.
     - ``'verify'`` (the default): the training split of ``config.arrays``; the file must hold the same
       images in the same order, checked image by image (no value may differ by more than
-      ``pag_targets.SAME_IMAGE_ATOL`` in [0, 1] units) and label by label when it has labels. The first
+      ``target_files.SAME_IMAGE_ATOL`` in [0, 1] units) and label by label when it has labels. The first
       mismatch is one :class:`DataError` line naming the file and the index.
     """
-    from advalign_jax.losses import pag_targets  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
 
     obj = config.objective
     if obj.targets_images not in TARGET_IMAGES:
@@ -147,7 +148,7 @@ def precomputed_training_set(config):
     if len(loaded.images) != len(images) or loaded.images.shape[1:] != images.shape[1:]:
         raise DataError(f"{name}: targets for {len(loaded.images)} images of shape {loaded.images.shape[1:]}, but the "
                         f"training split has {len(images)} of shape {images.shape[1:]}")
-    bad = pag_targets.first_differing_image(loaded.images, images)
+    bad = F.first_differing_image(loaded.images, images)
     if bad is not None:
         raise DataError(f"{name}: image {bad[0]} is not image {bad[0]} of the training split (max |difference| "
                         f"{bad[1]:.3g} in [0, 1] units): the targets belong to other images or another order "
