@@ -5,17 +5,20 @@ Command (the README's main job; under two minutes on a 2-core CPU)::
 
     advalign-jax evaluate --config configs/adversarial_alignment.py
 
-Expected result: ``results/adversarial_alignment/summary.csv`` with one row per model (the embedded
-demonstration models: a small CNN trained plainly and its harmonized twin), per-image CSVs in
-``per_image/``, ``tolerance_vs_alignment.png`` and panels in ``panels/``; the summary table is
-printed. On the real subset (``clickme_test_1000.tfrecords``, 1000 classes)::
+Expected result: ``results/adversarial_alignment/summary.csv`` with one row per model (the three
+embedded demonstration models at 64 px: a small CNN trained where a corner patch gives the label away,
+the same trained with a random patch, and a harmonized one) with 95% bootstrap intervals and the
+cue-swap test, ``comparison.csv`` (paired differences between the models on the same images),
+per-image CSVs in ``per_image/``, ``tolerance_vs_alignment.png``, ``perturbations.png`` and panels in
+``panels/``; the summary and the main paired differences are printed (docs/demonstration.md has the
+numbers). On the real subset (``clickme_test_1000.tfrecords``, 1000 classes)::
 
     advalign-jax evaluate --config configs/adversarial_alignment.py:clickme \\
         --config.data.files=/data/clickme_test_1000.tfrecords \\
         --config.models="('resnet50=checkpoints/resnet50', 'vit_b16=checkpoints/vit_b16_harmonized')"
 
 Variants (``:ARG``):
-  default     the embedded synthetic ClickMe data and the demonstration checkpoints.
+  default     the embedded synthetic ClickMe data (read at 64 px) and the demonstration checkpoints.
   clickme     the real adversarial-alignment subset: 1000 classes, batch 50, models given on the
               command line.
   reference   as ``clickme`` with the input and attack of the study's PyTorch notebook as its published
@@ -28,6 +31,11 @@ Human maps: every variant uses the map **as stored** (``data.heatmap_pipeline='a
 study's parser does (decode the raw float32 224x224 map and reshape; no resize, no blur); a map whose
 size differs from the image's is only resized to it. ``'harmonization'`` selects the harmonization
 loader's resize-blur-resize instead.
+
+Statistics: ``bootstrap.resamples`` (10,000), ``bootstrap.confidence`` (0.95) and ``bootstrap.seed``
+set the percentile bootstrap of every interval (:mod:`advalign_jax.evaluation.stats`); they change
+only the summaries, so a finished run reprints with other values. ``cue_swap``: the cue-swap test
+where the data's ``data synth`` metadata describes a patch cue (:mod:`advalign_jax.evaluation.cue_swap`).
 
 Epsilon is in units of [0, 1] RGB pixels; every model normalises its input itself, so eps means the
 same for every model (``attack_domain='unit'``). ``'minmax'`` (with ``minmax_group`` records min-maxed

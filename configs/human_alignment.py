@@ -4,19 +4,23 @@ Command::
 
     advalign-jax evaluate-clickme --config configs/human_alignment.py
 
-Expected result: ``results/human_alignment/summary.csv`` with one row per model (the embedded
-demonstration models by default): accuracy, mean Spearman between the model's saliency and the human
-maps, the human-alignment score (mean Spearman / 0.65753), Dice and IoU of the top 10%; per-image CSVs,
-``alignment.png`` and panels. On the real ClickMe validation shards::
+Expected result: ``results/human_alignment/summary.csv`` with one row per model (the three embedded
+demonstration models by default, at 64 px): accuracy, mean Spearman between the model's saliency and
+the human maps, the human-alignment score (mean Spearman / 0.65753), Dice and IoU of the top 10%, each
+mean with its 95% bootstrap interval, and the cue-swap test; ``comparison.csv`` (paired differences on
+the same images), per-image CSVs, ``alignment.png``, ``saliency.png`` and panels. About a minute on a
+2-core CPU. On the real ClickMe validation shards::
 
     advalign-jax evaluate-clickme --config configs/human_alignment.py:clickme \\
         --config.data.files="('/data/clickme/val-*.tfrecords',)" \\
         --config.models="('vit_b16=checkpoints/vit_b16_harmonized',)"
 
 Variants (``:ARG``):
-  default     the embedded synthetic validation shard and the demonstration checkpoints.
+  default     the embedded synthetic validation shard (read at 64 px) and the demonstration checkpoints.
   clickme     the ClickMe validation shards (1000 classes), batch 64.
   runlocal    a tiny run for tests: 8 images at 64 px, one model.
+
+``bootstrap`` and ``cue_swap`` as in ``configs/adversarial_alignment.py``.
 
 Human maps go through the harmonization loader's pipeline (``data.heatmap_pipeline='harmonization'``:
 resize to 64, 10x10 Gaussian blur, resize to 224), as the harmonization study scored its models.

@@ -14,7 +14,8 @@ in ``workdir``:
 - ``summary.csv``: ``model,num_correct,avg_eps,std_eps,avg_l2,std_l2,avg_linf,std_linf,avg_spearman,
   std_spearman`` (means and population standard deviations over the attacked images, Spearman over
   the attacked images where it is defined) then ``num_images,num_attacked,num_no_finite_tolerance,
-  num_undefined_spearman,avg_dice,avg_iou``, the bootstrap intervals ``avg_eps_low,avg_eps_high,
+  num_undefined_spearman,avg_dice,avg_iou``, the clean ``accuracy`` and the 95% bootstrap intervals
+  ``accuracy_low,accuracy_high,avg_eps_low,avg_eps_high,
   avg_spearman_low,avg_spearman_high,avg_dice_low,avg_dice_high``, ``avg_cue_mass`` with its interval,
   the cue-swap test ``cue_swap_accuracy`` (with its interval), ``cue_congruent_accuracy,
   cue_follow_rate``, then ``bootstrap_resamples,wall_time_s``.
@@ -24,7 +25,9 @@ in ``workdir``:
 - ``tolerance_vs_alignment.png``: mean minimal eps against mean Spearman, one point per model, with
   the 95% intervals as error bars, on axes that do not magnify a gap inside its noise
   (:func:`runner.honest_limits`: the eps axis starts at 0; the Spearman axis spans at least 0.5 and
-  four times the widest interval).
+  four times the widest interval); beside it, where the cue-swap test ran, each model's accuracy on
+  the images as they are, with the patch of another class and with the label's own patch (bars
+  from 0, 95% intervals).
 - ``perturbations.png``: the same images for every model: the image and its human map, then each
   model's perturbation mask, with the patch cue's square drawn where the data has one.
 - ``panels/<model>.png``: image, human map, adversarial image and perturbation map of a few images.
@@ -56,7 +59,8 @@ PER_IMAGE_COLUMNS = ["model", "img", "label", "pred", "eps", "l2", "linf", "spea
                      "clean_pred", "status", "dice", "iou", *runner.CUE_COLUMNS]
 SUMMARY_COLUMNS = ["model", "num_correct", "avg_eps", "std_eps", "avg_l2", "std_l2", "avg_linf", "std_linf",
                    "avg_spearman", "std_spearman", "num_images", "num_attacked", "num_no_finite_tolerance",
-                   "num_undefined_spearman", "avg_dice", "avg_iou", "avg_eps_low", "avg_eps_high",
+                   "num_undefined_spearman", "avg_dice", "avg_iou", "accuracy", "accuracy_low", "accuracy_high",
+                   "avg_eps_low", "avg_eps_high",
                    "avg_spearman_low", "avg_spearman_high", "avg_dice_low", "avg_dice_high", "avg_cue_mass",
                    "avg_cue_mass_low", "avg_cue_mass_high", *runner.CUE_SUMMARY_COLUMNS, "bootstrap_resamples",
                    "wall_time_s"]
@@ -234,6 +238,7 @@ def summarise(name: str, rows: Sequence[dict], wall_time: float, boot: dict | No
         "num_undefined_spearman": int(rho.size - rho_ok.size),
         "avg_dice": mean(col("dice", attacked)), "avg_iou": mean(col("iou", attacked)),
     }
+    runner.with_interval(row, "accuracy", [float(s != "misclassified") for s in status], boot)
     for key, values in (("avg_eps", eps), ("avg_spearman", rho_ok), ("avg_dice", col("dice", attacked)),
                         ("avg_cue_mass", col("cue_mass", attacked))):
         runner.with_interval(row, key, values, boot)
@@ -264,7 +269,13 @@ def plot_scatter(path: str, summary: Sequence[dict]) -> None:
         except (TypeError, ValueError):
             return float("nan")
 
-    fig, ax = plt.subplots(figsize=(6.0, 4.4))
+    swap = [get(r, "cue_swap_accuracy") for r in summary]
+    has_swap = any(math.isfinite(v) for v in swap)
+    if has_swap:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(11.0, 4.4), gridspec_kw={"width_ratios": [1.25, 1]})
+        plot_cue_swap(bx, summary)
+    else:
+        fig, ax = plt.subplots(figsize=(6.0, 4.4))
     xs, ys = [], []
     for i, row in enumerate(summary):
         x, y = get(row, "avg_eps"), get(row, "avg_spearman")
@@ -286,6 +297,36 @@ def plot_scatter(path: str, summary: Sequence[dict]) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     runner.save_figure(fig, path, dpi=110)
+
+
+def plot_cue_swap(ax, summary: Sequence[dict]) -> None:
+    """Grouped bars per model: accuracy on the images as they are, with another class's patch colour
+    (cue swap) and with the label's own (congruent), in %, from 0, with 95% intervals where known."""
+    def get(row, key):
+        try:
+            return 100.0 * float(row.get(key, "nan"))
+        except (TypeError, ValueError):
+            return float("nan")
+
+    groups = [("as they are", "accuracy"), ("patch of another class", "cue_swap_accuracy"),
+              ("patch of the label", "cue_congruent_accuracy")]
+    width = 0.8 / len(groups)
+    for j, (label, key) in enumerate(groups):
+        xs = np.arange(len(summary)) + (j - (len(groups) - 1) / 2) * width
+        means = np.array([get(r, key) for r in summary])
+        lows, highs = np.array([get(r, f"{key}_low") for r in summary]), np.array([get(r, f"{key}_high") for r in summary])
+        ax.bar(xs, np.nan_to_num(means), width, label=label, color=("0.6", "C3", "C2")[j])
+        ok = np.isfinite(means) & np.isfinite(lows) & np.isfinite(highs)
+        if ok.any():
+            ax.errorbar(xs[ok], means[ok], yerr=[means[ok] - lows[ok], highs[ok] - means[ok]], fmt="none",
+                        ecolor="black", capsize=3)
+    ax.set_xticks(range(len(summary)), [r["model"] for r in summary], rotation=15, ha="right", fontsize=8)
+    ax.set_ylim(0, 120)
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_ylabel("accuracy (%), 95% CI")
+    ax.set_title("reliance on the spurious patch (cue-swap test)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper center", ncol=3)
+    ax.grid(axis="y", alpha=0.3)
 
 
 def _show(im, lo=None, hi=None):
@@ -336,7 +377,7 @@ def plot_panels(path: str, name: str, panels: Sequence[dict], has_cue: bool = Fa
 
 def plot_models(path: str, named_panels: Sequence[tuple], has_cue: bool = False, max_images: int = 6) -> None:
     """The same images for every model: image, human map, then each model's perturbation mask (its own
-    colour scale; ``rho``: Spearman with the human map; ``cue``: share of the mask inside the patch),
+    colour scale; ``rho``: Spearman with the human map; ``patch``: share of the mask inside the patch),
     with the patch cue outlined. Images are the first ones (record order) that some model attacked; a
     model that did not attack an image shows an empty cell."""
     import matplotlib  # pylint: disable=import-outside-toplevel
@@ -361,7 +402,7 @@ def plot_models(path: str, named_panels: Sequence[tuple], has_cue: bool = False,
             if img in d:
                 p = d[img]
                 ax.imshow(p["pmask"], cmap="inferno")
-                cue = f", cue {float(p['cue_mass']):.2f}" if has_cue and "cue_mass" in p else ""
+                cue = f", patch {100 * float(p['cue_mass']):.1f}%" if has_cue and "cue_mass" in p else ""
                 ax.set_title(f"{name}\neps {float(p['eps']):.2f}, rho {float(p['spearman']):.2f}{cue}", fontsize=6)
             else:
                 ax.set_title(f"{name}\nnot attacked", fontsize=6)
@@ -458,13 +499,13 @@ def format_summary(rows: Sequence[dict]) -> str:
         table.append({"model": r["model"], "correct": f"{r['num_correct']}/{r['num_images']}",
                       "attacked": r["num_attacked"],
                       "min eps (L2)": format_interval(r, "avg_eps"),
-                      "spearman (attack, human)": format_interval(r, "avg_spearman"),
-                      "dice top 10%": format_interval(r, "avg_dice"),
-                      "attack on cue": format_interval(r, "avg_cue_mass"),
-                      "cue-swap acc": format_interval(r, "cue_swap_accuracy"),
+                      "spearman(attack, human)": format_interval(r, "avg_spearman"),
+                      "attack on patch %": format_interval(r, "avg_cue_mass", scale=100.0),
+                      "cue-swap acc %": format_interval(r, "cue_swap_accuracy", scale=100.0),
                       "time_s": r["wall_time_s"]})
     text = format_table(table, list(table[0])) if table else ""
-    comparison = [c for c in getattr(rows, "comparison", []) if c["metric"] in ("eps", "spearman", "cue_swap_correct")]
+    comparison = [c for c in getattr(rows, "comparison", [])
+                  if c["metric"] in ("cue_swap_correct", "spearman", "eps", "cue_mass")]
     if comparison:
         text += ("\n\npaired differences on the same images (b - a, mean [95% bootstrap CI], Wilcoxon "
                  "signed-rank p; *: the interval excludes 0; all metrics in comparison.csv)\n" + format_comparison(comparison))

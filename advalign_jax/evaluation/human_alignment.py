@@ -163,7 +163,8 @@ def plot_models(path: str, named_panels, has_cue: bool = False, max_images: int 
             if img in d:
                 p = d[img]
                 ax.imshow(p["saliency"], cmap="inferno")
-                ax.set_title(f"{name}\npred {int(p['pred'])}, rho {float(p['spearman']):.2f}", fontsize=6)
+                cue = f", patch {100 * float(p['cue_mass']):.1f}%" if has_cue and "cue_mass" in p else ""
+                ax.set_title(f"{name}\npred {int(p['pred'])}, rho {float(p['spearman']):.2f}{cue}", fontsize=6)
         for ax in row:
             draw_cue(ax, first["image"].shape[0], has_cue)
             ax.axis("off")
@@ -199,7 +200,7 @@ def plot_scores(path: str, rows) -> None:
         err = np.array([np.nan_to_num(means - lows), np.nan_to_num(highs - means)])
         ax.bar(range(len(names)), np.nan_to_num(means), yerr=err, capsize=4, color=[f"C{i}" for i in range(len(names))])
         ax.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=7)
-        ax.set_ylim(0, 100)
+        ax.set_ylim(0, max(100.0, float(np.nanmax(np.append(highs, means), initial=0.0)) * 1.05))
         ax.set_title(title, fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -229,12 +230,12 @@ def evaluate(config, progress: bool = True) -> list[dict]:
 def format_summary(rows) -> str:
     """The summary as a text table (means with their 95% intervals), then the paired differences between
     the models (``rows.comparison``) where there are any."""
-    table = [{"model": r["model"], "images": r["num_images"], "accuracy": runner.format_interval(r, "accuracy"),
-              "spearman (saliency, human)": runner.format_interval(r, "avg_spearman"),
-              "human alignment": runner.format_interval(r, "human_alignment"),
+    table = [{"model": r["model"], "images": r["num_images"],
+              "accuracy %": runner.format_interval(r, "accuracy", scale=100.0),
+              "human alignment %": runner.format_interval(r, "human_alignment", scale=100.0),
               "dice top 10%": runner.format_interval(r, "avg_dice"),
-              "saliency on cue": runner.format_interval(r, "avg_cue_mass"),
-              "cue-swap acc": runner.format_interval(r, "cue_swap_accuracy"), "time_s": r["wall_time_s"]}
+              "saliency on patch %": runner.format_interval(r, "avg_cue_mass", scale=100.0),
+              "cue-swap acc %": runner.format_interval(r, "cue_swap_accuracy", scale=100.0), "time_s": r["wall_time_s"]}
              for r in rows]
     text = format_table(table, list(table[0])) if table else ""
     comparison = [c for c in getattr(rows, "comparison", [])

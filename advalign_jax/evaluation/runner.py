@@ -42,7 +42,8 @@ from advalign_jax.evaluation import cue_swap, stats
 PICTURE_PREFIX = "picture_"  # batch-function outputs with this prefix are images kept for panels
 CUE_COLUMNS = ["cue_mass", "cue", "swap_cue", "swap_pred", "congruent_pred"]
 CUE_SUMMARY_COLUMNS = ["cue_swap_accuracy", "cue_swap_accuracy_low", "cue_swap_accuracy_high",
-                       "cue_congruent_accuracy", "cue_follow_rate"]
+                       "cue_congruent_accuracy", "cue_congruent_accuracy_low", "cue_congruent_accuracy_high",
+                       "cue_follow_rate"]
 COMPARISON_COLUMNS = ["metric", "model_a", "model_b", "num_pairs", "mean_a", "mean_b", "diff", "diff_low",
                       "diff_high", "wilcoxon_p"]
 
@@ -268,16 +269,14 @@ def cue_fields(host: dict, meta: dict, k: int) -> dict:
 
 def cue_summary(rows: Sequence[dict], boot: dict) -> dict:
     """The cue-swap test of one model (:data:`CUE_SUMMARY_COLUMNS`) from its per-image rows: accuracy on
-    the swapped copies (with its bootstrap interval), on the congruent ones, and the share of swapped
-    copies classified as the painted class; NaN without the test."""
+    the swapped copies and on the congruent ones (with their bootstrap intervals), and the share of
+    swapped copies classified as the painted class; NaN without the test."""
     tested = [r for r in rows if int(r["swap_cue"]) >= 0]
     out = {}
     with_interval(out, "cue_swap_accuracy", [int(r["swap_pred"]) == int(r["label"]) for r in tested], boot)
-    nan = float("nan")
-    out["cue_congruent_accuracy"] = (float(np.mean([int(r["congruent_pred"]) == int(r["label"]) for r in tested]))
-                                     if tested else nan)
+    with_interval(out, "cue_congruent_accuracy", [int(r["congruent_pred"]) == int(r["label"]) for r in tested], boot)
     out["cue_follow_rate"] = (float(np.mean([int(r["swap_pred"]) == int(r["swap_cue"]) for r in tested]))
-                              if tested else nan)
+                              if tested else float("nan"))
     return out
 
 
@@ -462,11 +461,11 @@ def mean_std(values) -> tuple[float, float]:
     return (float(np.mean(a)), float(np.std(a))) if a.size else (float("nan"), float("nan"))
 
 
-def format_interval(row: dict, key: str, digits: int = 3) -> str:
-    """``mean [low, high]`` of ``row[key]`` and its interval columns, for printed tables."""
+def format_interval(row: dict, key: str, digits: int = 3, scale: float = 1.0) -> str:
+    """``mean [low, high]`` of ``row[key]`` and its interval columns (times ``scale``), for printed tables."""
     def num(v):
         try:
-            return float(v)
+            return float(v) * scale
         except (TypeError, ValueError):
             return float("nan")
 
