@@ -137,3 +137,16 @@ def test_official_pag_recipes_run_locally(recipe, tmp_path):
     assert config.optimizer.name == "sgd" and config.optimizer.weight_decay == 1e-4 and config.seed == 3407
     result = train(config, **QUIET)
     assert np.isfinite(result["loss"]) and os.path.exists(result["export"])
+
+
+def test_array_batches_of_several_processes_side_by_side_are_one_process_batches():
+    from advalign_jax.training.inputs import ArrayBatches
+
+    x = np.arange(50, dtype=np.float32).reshape(50, 1)
+    y = np.arange(50) % 3
+    one = ArrayBatches(x, y, 12, seed=4)
+    parts = [ArrayBatches(x, y, 4, seed=4, process_index=p, process_count=3) for p in range(3)]
+    for _ in range(9):  # across epoch boundaries (48 usable examples: 4 global batches per epoch)
+        whole = next(one)
+        pieces = [next(p) for p in parts]
+        np.testing.assert_array_equal(np.concatenate([b["index"] for b in pieces]), whole["index"])

@@ -10,8 +10,9 @@ precomputed target gradients (``objective.target_source='precomputed'``) each ba
 training split's, checked against the file's image by image, or the file's own
 (:func:`precomputed_training_set`).
 
-Each process reads every ``process_count``-th example of the permutation, so processes never overlap;
-the position is a pair of integers, saved and restored exactly.
+Each process reads its contiguous block of every global batch of the permutation, so processes never
+overlap and the global batches are those of one process; the position is a pair of integers, saved and
+restored exactly.
 """
 
 from __future__ import annotations
@@ -43,8 +44,11 @@ class ArrayBatches:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.images))
-        usable = len(order) // (self.batch_size * self.process_count) * self.batch_size * self.process_count
-        return order[:usable][self.process_index::self.process_count]
+        b, pc = self.batch_size, self.process_count
+        usable = len(order) // (b * pc) * b * pc
+        # Global batch k is order[k*b*pc : (k+1)*b*pc]; this process holds its contiguous block of each,
+        # so the global batches (examples and order) are those of one process, for any process count.
+        return order[:usable].reshape(-1, pc, b)[:, self.process_index].reshape(-1)
 
     def __iter__(self):
         return self
