@@ -415,7 +415,9 @@ def _run_model(config, task, mesh, spec, model, variables, fp, per_image, record
             bar.update(1)
     finally:
         bar.close()
-    rows = list(per_image.rows.values()) if writer else []
+    # In record order: the bootstrap's draws index the values, so the same rows give the same intervals
+    # whatever order the batches (or the processes' slices of them) were written in.
+    rows = sorted(per_image.rows.values(), key=lambda r: int(r["img"])) if writer else []
     row = task.summarise(spec.name, rows, spent)
     if writer:
         summary_path = os.path.join(workdir, "summary.csv")
