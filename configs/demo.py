@@ -23,8 +23,11 @@ harmonized one on a 2-core CPU; ``results/demo_VARIANT/model``, ``metrics.csv`` 
 ``eval_accuracy`` on the embedded (cue-random) validation shard: docs/demonstration.md has the measured
 numbers.
 
-Variants (``:ARG``): vanilla, randomcue, harmonized (above); runlocal: a few steps on 64-px images, for
-tests.
+Variants (``:ARG``):
+  vanilla     the default: cross-entropy on the shortcut shards (``data/synth``).
+  randomcue   cross-entropy on the cue-random shards (``data/synth_randomcue``).
+  harmonized  the neural harmonizer's loss (lambda 1) on the shortcut shards.
+  runlocal    a few steps on 64-px images, for tests.
 
 The model is ``small_cnn`` at 64 px with a 4x4 patch stem (64 -> 16 -> 8 -> 4 before pooling). Images
 are read at 64 px (the embedded and training shards are 256-px JPEGs, resized by the reader as for
