@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from advalign_jax.attacks import autoattack as AA
+from advalign_jax.attacks import fab as F
 from advalign_jax.attacks import square as S
 from advalign_jax.attacks.apgd import APGDConfig, apgd, apgd_run, random_start
 from advalign_jax.attacks.fab import FABConfig
@@ -202,11 +203,43 @@ def test_standard_ensemble_matches_the_authors_attacks_float64(monkeypatch):
     finally:
         torch.set_default_dtype(default)
         torch.set_num_threads(threads)
-    np.testing.assert_array_equal(ours["stage"], broken_by)
-    assert all((broken_by == s).sum() >= 1 for s in range(4))  # every stage matters on this model
+    # FAB walks onto the decision boundary, where some of its decisions are ties that rounding settles:
+    # points whose FAB-T verdict rests on such a decision are left out (the others do not depend on them)
+    with jax.enable_x64(True):
+        fragile = _fab_fragile(f, x, y, ours["robust_after"][1], eps, stages[2][1])
+    assert fragile.sum() <= 4
+    keep = ~fragile
+    np.testing.assert_array_equal(ours["stage"][keep], broken_by[keep])
+    assert all((broken_by[keep] == s).sum() >= 1 for s in range(4))  # every stage matters on this model
     after = [float(np.mean(r)) for r in ours["robust_after"]]
     assert after == sorted(after, reverse=True) and after[0] > after[-1]
-    np.testing.assert_array_equal(ours["robust"], broken_by == -1)
+    np.testing.assert_array_equal(ours["robust"][keep], broken_by[keep] == -1)
+
+
+def _fab_fragile(f, x, y, survivors, eps, cfg, tie=1e-9):
+    """(N,) bool: survivors whose FAB-T verdict depends on rounding: taking its targets in order, a
+    decision within ``tie`` of the boundary (which changes the rest of the run) comes before any clear
+    misclassification within eps."""
+    targets = jnp.argsort(-f(x), axis=1)[:, 1:cfg.n_target_classes + 1]
+    run = jax.jit(lambda t: F.fab_run(f, x, y, x, cfg, t, trace=True)["trace_x"])
+    runs = np.stack([np.asarray(run(targets[:, k])) for k in range(targets.shape[1])])  # (targets, n_iter, N, ...)
+    z = np.asarray(jax.jit(jax.vmap(f))(runs.reshape((-1,) + runs.shape[2:]))).reshape(runs.shape[:3] + (-1,))
+    n = len(x)
+    margin = np.where(np.arange(z.shape[-1]) == y[:, None], -np.inf, z).max(-1) - z[..., np.arange(n), y]
+    size = np.abs(np.asarray(runs) - x).reshape(margin.shape + (-1,)).max(-1)
+    fragile = np.zeros(n, bool)
+    for i in np.flatnonzero(np.asarray(survivors)):
+        for k in range(margin.shape[0]):
+            ties = np.flatnonzero(np.abs(margin[k, :, i]) <= tie)
+            clear = np.flatnonzero((margin[k, :, i] > tie) & (size[k, :, i] <= eps))
+            first_tie = ties[0] if len(ties) else np.inf
+            first_clear = clear[0] if len(clear) else np.inf
+            if first_clear < first_tie:
+                break  # broken, whatever rounding does later
+            if first_tie < np.inf:
+                fragile[i] = True
+                break
+    return fragile
 
 
 # --------------------------------------------------------------------------------------------------
@@ -232,7 +265,7 @@ def _masked_model():
 def test_gradient_masking_model_fails_white_box_and_the_checks_fire(caplog):
     apply_fn, variables, x = _masked_model()
     y = np.asarray(jnp.argmax(apply_fn(variables, x), 1))
-    attack = R.autoattack_attack("linf", 8 / 255, n_iter=5, n_target_classes=9, fab_iter=5, n_queries=300)
+    attack = R.autoattack_attack("linf", 8 / 255, n_iter=3, n_target_classes=9, fab_iter=3, n_queries=300)
     with caplog.at_level(logging.WARNING, logger="advalign_jax.autoattack"):
         result = R.evaluate_robustness(apply_fn, variables, x, y, [attack], batch_size=24)
     s = result.summary["attacks"][attack.name]

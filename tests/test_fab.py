@@ -190,7 +190,7 @@ def _trace_their_run(torch, weights, x, y, norm, targeted, target_rank, n_iter):
     return np.stack(seen[1:]), out  # the first call checks the clean points
 
 
-@pytest.mark.parametrize("norm,targeted", [("linf", True), ("l2", True), ("linf", False), ("l2", False)])
+@pytest.mark.parametrize("norm,targeted", [("linf", True), ("l2", False)])
 def test_run_iterates_match_the_authors_code_float64(torch64, norm, targeted):
     """Every iterate of one run (before its backward step) and the closest misclassified point, FAB-T
     towards the 3rd-ranked class or untargeted. No decision of the run is within 1e-9 of the boundary,

@@ -162,7 +162,9 @@ def test_apgd_t_on_few_classes():
     nine = R.autoattack_whitebox("linf", 0.05, n_iter=4, stages=("apgd-t",))  # 9 targets asked, 4 possible
     assert R._fit_to_classes(nine.stages[0][1], 5, "x").n_target_classes == 4
     assert R._fit_to_classes(nine.stages[0][1], 50, "x").n_target_classes == 9
-    assert R.evaluate_robustness(apply5, w, x, y, [nine]).summary["n"] == 6
+    few = R.evaluate_robustness(apply5, w, x, y, [nine, R.pgd_attack("linf", 0.05, steps=2)]).summary
+    assert few["n"] == 6 and "n_classes" in few["checks"]  # AutoAttack's check: more targets than classes
+    assert "n_classes" in few["attacks"][nine.name]["checks"] and "n_classes" not in few["attacks"]["pgd2-linf"]["checks"]
     three = {"w": w["w"][:, :3]}
     with pytest.raises(ConfigError, match="at least 4 classes"):
         R.evaluate_robustness(apply5, three, x, y % 3, [nine])

@@ -65,7 +65,7 @@ to about 1e-14 in float64).
 ``rand``) are averaged per step: the gradient is their mean (Expectation over Transformation), while
 the loss and the prediction are those of the last draw, as the original code. Without ``model_key``
 the model is deterministic and one draw is computed, whatever ``eot_iter`` says (the draws would be
-identical).
+identical). ``tests/test_autoattack.py`` checks a first step against the mean of the draws' gradients.
 
 Every example is independent of its batch mates: its random draws come from ``fold_in(key, index)``
 (``index`` = its position in the dataset, default its position in the batch), its step size, counts

@@ -9,7 +9,7 @@ attacks" (ICML 2020), as its authors' code runs it (``autoattack/autoattack.py``
 **Versions** (:func:`version_stages`), each a sequence of stages:
 
 - ``standard``: APGD-CE (100 iterations, 1 restart), APGD-T (targeted DLR, 9 targets x 100
-  iterations), FAB-T (9 targets x 100 iterations), Square (5,000 queries) — the number RobustBench
+  iterations), FAB-T (9 targets x 100 iterations), Square (5,000 queries): the number RobustBench
   reports;
 - ``plus``: APGD-CE and APGD-DLR with 5 restarts each, untargeted FAB with 5 restarts, Square
   (5,000 queries), APGD-T and FAB-T (9 targets each);
@@ -41,8 +41,9 @@ authors' checks, and two signs of gradient masking:
   ``check_n_classes``; the stages then use ``C - 1``);
 - ``zero_gradient``: points whose input gradient of the cross-entropy is exactly zero at the clean
   point (the authors check the first gradient of their DLR runs; ``check_zero_gradients``);
-- ``square_gain``: the black-box Square breaks more than 0.2% of the points that the gradient-based
-  stages before it could not (the authors' ``check_square_sr``, measured before and after Square);
+- ``square_gain``: the black-box Square lowers the robust accuracy that the gradient-based stages
+  before it left by more than 0.2 points (the authors' ``check_square_sr``, measured just before and
+  after Square);
 - ``small_perturbation``: a stage after the first breaks a point with a perturbation smaller than half
   the radius, which the first stage, run to the full radius, missed (added here: on a model without
   masked gradients APGD finds such points).
@@ -50,8 +51,15 @@ authors' checks, and two signs of gradient masking:
 The authors' ``check_dynamic`` (autograd calls inside the forward pass of a PyTorch model) has no
 counterpart for a pure JAX function and is not run.
 
-Everything except the checks that call the model several times is traceable: ``jax.jit`` compiles a
-whole cascade.
+Random draws: stage ``s`` draws from ``fold_in(key, s)`` and each example from its index within it
+(the authors seed every attack with the same fixed seed and draw per batch). Everything except the
+checks that call the model several times is traceable: ``jax.jit`` compiles a whole cascade.
+
+Checked (``tests/test_autoattack.py``): the versions against the authors' ``set_version``; the
+standard cascade against the authors' four attacks as torchattacks 3.5.1 ports them, run as a cascade
+on the same float64 model with our random draws fed to them, on a model where every stage breaks
+points: the same stage breaks the same points; a gradient-masking model (a linear model on quantised
+inputs) on which the gradient-based stages break nothing, Square breaks points and the checks fire.
 """
 
 from __future__ import annotations

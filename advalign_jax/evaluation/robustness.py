@@ -32,7 +32,7 @@ the robust accuracy after each stage of a cascade and the time each stage took (
 clean accuracy, robust accuracy after each attack, the final figure), and ``robust_to_all``: the
 fraction robust under every attack of the list (the per-example worst case). Every attack and every
 stage is its own compiled function; its time is the wall-clock time of its calls, compilation
-excluded (reported apart).
+excluded (the job's ``wall_time_s`` includes it).
 
 **Checks** (AutoAttack's, :mod:`advalign_jax.attacks.autoattack`): before the attacks, on the first
 batch, whether the model looks randomised (two forward passes differ), whether its outputs look like
@@ -650,12 +650,13 @@ def summarise(per_example: dict, attacks: Sequence[Attack], checks: Optional[dic
             found["zero_gradient"] = msg
     summary = {"n": n, "clean_accuracy": mean(per_example["clean_correct"]),
                "robust_to_all": mean(per_example["robust_to_all"]), "checks": found, "attacks": {}}
+    shared = {k: v for k, v in found.items() if k != "n_classes"}  # about the model and data: every attack
     for a in attacks:
         s = {"robust_accuracy": mean(per_example[f"{a.name}/robust"]),
              "adversarial_accuracy": mean(per_example[f"{a.name}/pred"] == per_example["label"]),
              "norm": a.norm, "eps": float(a.eps),
              "max_perturbation": float(np.max(per_example[f"{a.name}/norm"])) if n else 0.0,
-             "seconds": seconds.get((a.name, ""), float("nan")), "checks": dict(found)}
+             "seconds": seconds.get((a.name, ""), float("nan")), "checks": dict(shared)}
         if isinstance(a, Cascade):
             stage = per_example[f"{a.name}/stage"]
             ok = np.asarray(per_example["clean_correct"], bool).copy()
@@ -667,9 +668,9 @@ def summarise(per_example: dict, attacks: Sequence[Attack], checks: Optional[dic
             own = {"square_gain": AA.check_square_gain(s["after_stage"]),
                    "small_perturbation": AA.check_small_perturbation(stage, per_example[f"{a.name}/norm"], a.eps,
                                                                      [name for name, _ in a.stages])}
+            if any(AA.targets_asked(cfg) for _, cfg in a.stages):
+                own["n_classes"] = found.get("n_classes")
             s["checks"].update({k: v for k, v in own.items() if v})
-            if "n_classes" in s["checks"] and not any(AA.targets_asked(cfg) for _, cfg in a.stages):
-                del s["checks"]["n_classes"]
         summary["attacks"][a.name] = s
     return summary
 
