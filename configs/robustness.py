@@ -29,13 +29,14 @@ Variants (``:ARG``):
   cifar10     the default: the 10,000 CIFAR-10 test images (``tfds:cifar10``).
   cifar100    the CIFAR-100 test images (APGD-T and FAB-T keep 9 targets, as AutoAttack).
   runlocal    a tiny offline run: the embedded demonstration checkpoint
-              (``checkpoints/small_cnn_vanilla``) on the first 16 embedded synthetic ClickMe images
-              (224 px), at eps 0.25/255 (Linf) and 0.2 (L2): small radii, where this undefended model
-              keeps some points (at 1/255 APGD-CE alone breaks nearly all); PGD 3 steps, APGD and FAB 5
-              iterations, 3 targets, Square 100 queries. ``--config.attacks="('autoattack-linf',)"``
-              runs the four AutoAttack stages and writes the per-stage table (75% clean, 43.75%
-              after APGD-CE, 37.5% after APGD-T; under a minute on a 2-core CPU, mostly compilation). The tests
-              run it with their own 16x16 model on ``digits``.
+              (``checkpoints/small_cnn_vanilla``, 64 px) on the first 32 embedded synthetic ClickMe
+              images (read at the model's 64 px), at eps 0.5/255 (Linf) and 0.2 (L2): small radii,
+              where this undefended model keeps some points (at 1/255 APGD-CE alone breaks nearly all);
+              PGD 3 steps, APGD and FAB 5 iterations, 3 targets, Square 100 queries.
+              ``--config.attacks="('autoattack-linf',)"`` runs the four AutoAttack stages and writes
+              the per-stage table (78.12% clean, 34.38% after APGD-CE, 31.25% after APGD-T, FAB-T
+              and Square; under a minute on a 2-core CPU, mostly compilation). The tests run it with
+              their own 16x16 model on ``digits``.
 
 Attacks are ``KIND-NORM`` strings, NORM ``l2`` or ``linf``; KIND: ``pgd``; ``apgd`` (APGD-CE then
 APGD-T); ``autoattack`` (standard), ``autoattack-plus`` (APGD-CE and APGD-DLR with 5 restarts, FAB with
@@ -107,15 +108,15 @@ def get_config(arg: str = "cifar10"):
     elif arg == "runlocal":
         c.model_dir = "checkpoints/small_cnn_vanilla"
         c.data.source = "embedded"
-        c.max_examples = 16
+        c.max_examples = 32
         c.eps.l2 = 0.2
-        c.eps.linf = 0.25 / 255
+        c.eps.linf = 0.5 / 255
         c.pgd.steps = 3
         c.apgd.n_iter = 5
         c.apgd.n_target_classes = 3
         c.fab.n_iter = 5
         c.square.n_queries = 100
-        c.batch_size = 16
+        c.batch_size = 32
         c.workdir = "results/robustness_runlocal"
     else:
         raise ValueError(f"unknown variant {arg!r}: use cifar10, cifar100 or runlocal")
