@@ -453,9 +453,10 @@ class RunRecord:
             atomic_write_json(self.path, self.current)
             self._written = True
 
-    def check_models(self, entries: dict, has_results: Callable[[str], bool]) -> None:
+    def check_models(self, entries: dict, has_results: Callable[[str], bool],
+                     advice: str = "give it another directory name or use another --config.workdir") -> None:
         """``entries``: {result name: {'path': ..., 'fingerprint': ...}}. A name whose stored results
-        came from another checkpoint is refused."""
+        came from another checkpoint is refused (the line ends with ``advice``)."""
         saved = read_json(self.models_path, {})
         for name, entry in entries.items():
             old = saved.get(name)
@@ -463,8 +464,7 @@ class RunRecord:
                 raise AdvalignError(
                     f"{self.workdir} holds results named {name!r} of the checkpoint {old.get('path')} "
                     f"(fingerprint {old.get('fingerprint', '?')[:12]}), but {entry['path']} (fingerprint "
-                    f"{entry['fingerprint'][:12]}) is another model; give it another directory name or use "
-                    "another --config.workdir")
+                    f"{entry['fingerprint'][:12]}) is another model; {advice}")
 
     def commit_model(self, name: str, entry: dict) -> None:
         saved = read_json(self.models_path, {})

@@ -320,16 +320,131 @@ def test_train_refuses_a_changed_config_and_extends(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------
+# evaluate-robust: the same guarantees
+# ----------------------------------------------------------------------------------------------------
+
+ROBUST_ROWS = 16  # 4 batches of 4
+
+
+def _robust_checkpoint(path, seed=0):
+    """An untrained small CNN for 16x16 digits (quick to compile; PGD attacks every point anyway), its
+    variables drawn with NumPy (faster than tracing the initialisers on a busy CPU)."""
+    model = get_model("small_cnn", num_classes=10, widths=(8, 16), patch=4, input_size=16)
+    rng = np.random.default_rng(seed)
+
+    def fill(key_path, shape):
+        if key_path[-1].key == "kernel":
+            return (rng.normal(size=shape.shape) * np.sqrt(2 / np.prod(shape.shape[:-1]))).astype(np.float32)
+        return np.full(shape.shape, 1.0 if key_path[-1].key in ("scale", "var") else 0.0, np.float32)
+
+    return save_model(str(path), model, jax.tree_util.tree_map_with_path(fill, model.variable_shapes()))
+
+
+def _robust_args(checkpoint, workdir):
+    return ["evaluate-robust", "--config", "configs/robustness.py:runlocal", "--no-progress",
+            f"--config.model_dir={checkpoint}", f"--config.workdir={workdir}", "--config.data.source=digits",
+            f"--config.max_examples={ROBUST_ROWS}", "--config.batch_size=4", "--config.attacks=('pgd-l2',)"]
+
+
+@pytest.fixture(scope="module")
+def robust_straight(tmp_path_factory):
+    """An uninterrupted evaluate-robust run: (checkpoint, its workdir)."""
+    root = tmp_path_factory.mktemp("robust")
+    checkpoint = _robust_checkpoint(root / "model")
+    proc = _run(_robust_args(checkpoint, root / "straight"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return checkpoint, root / "straight"
+
+
+def _same_robust_results(straight, work):
+    a = (straight / "per_example.csv").read_text().splitlines()
+    b = (work / "per_example.csv").read_text().splitlines()
+    assert a == b and len(b) == ROBUST_ROWS + 1  # the same rows, in order, none twice
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.endswith("time_s")} for r in rows]  # noqa: E731
+    assert drop(_read(straight / "summary.csv")) == drop(_read(work / "summary.csv"))
+
+
+def test_evaluate_robust_killed_mid_run_resumes_to_the_same_rows(robust_straight, tmp_path):
+    checkpoint, straight = robust_straight
+    args = _robust_args(checkpoint, tmp_path / "w")
+    assert _run(args, crash_at="rows.appended:2").returncode == -signal.SIGKILL
+    assert _rows_in(tmp_path / "w" / "per_example.csv") == 1 + 8  # two batches kept
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    _same_robust_results(straight, tmp_path / "w")
+
+
+def test_evaluate_robust_drops_a_torn_row_and_recomputes_it(robust_straight, tmp_path):
+    checkpoint, straight = robust_straight
+    args = _robust_args(checkpoint, tmp_path / "w")
+    rows = tmp_path / "w" / "per_example.csv"
+    assert _run(args, crash_at="rows.torn:3").returncode == -signal.SIGKILL
+    assert not rows.read_bytes().endswith(b"\n")  # the file ends inside a row
+    again = _run(args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 incomplete or damaged row(s) dropped" in again.stderr
+    _same_robust_results(straight, tmp_path / "w")
+
+
+def test_evaluate_robust_on_a_busy_workdir_stops_with_the_holders_pid(robust_straight, tmp_path):
+    checkpoint, straight = robust_straight
+    args = _robust_args(checkpoint, tmp_path / "w")
+    lock = tmp_path / "w" / ".lock"
+    first = _spawn(args)
+    deadline = time.time() + 120
+    while first.poll() is None and time.time() < deadline and not (lock.exists() and lock.read_text()):
+        time.sleep(0.01)
+    first.send_signal(signal.SIGSTOP)  # it holds the workdir (the lock is taken before compiling)
+    try:
+        second = _run(args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"is in use by another run (PID {first.pid}" in lines[0]
+    _same_robust_results(straight, tmp_path / "w")
+
+
+def test_evaluate_robust_refuses_another_checkpoint_under_the_same_name(tmp_path, capsys):
+    """In-process: a run, a finished rerun (writes nothing), another checkpoint of the same directory
+    name (refused, naming both paths), another config over results (refused), and a new config over a
+    workdir without results (taken)."""
+    paths = [_robust_checkpoint(tmp_path / f"run{seed}" / "model", seed) for seed in (0, 1)]
+    work = tmp_path / "w"
+    assert main(_robust_args(paths[0], work)) == 0
+    files = lambda: {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in work.iterdir()  # noqa: E731
+                     if p.name != ".lock"}
+    before = files()
+    assert main(_robust_args(paths[0], work)) == 0  # finished: nothing written
+    assert files() == before
+    capsys.readouterr()
+    assert main(_robust_args(paths[1], work)) == 2
+    err = _one_line(capsys)
+    assert paths[0] in err and paths[1] in err and "another model" in err, err
+    assert main(_robust_args(paths[0], work) + ["--config.seed=1"]) == 2
+    assert "seed: 0 there, 1 now" in _one_line(capsys)
+    assert files() == before
+    (work / "per_example.csv").write_text((work / "per_example.csv").read_text().splitlines()[0] + "\n")
+    assert main(_robust_args(paths[1], work) + ["--config.seed=1"]) == 0  # no results: a new config is taken
+    assert len((work / "per_example.csv").read_text().splitlines()) == ROBUST_ROWS + 1
+
+
+# ----------------------------------------------------------------------------------------------------
 # Output paths that cannot be written
 # ----------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", ["evaluate", "train", "synth", "targets", "targets-shards"])
+@pytest.mark.parametrize("command", ["evaluate", "evaluate-robust", "train", "synth", "targets", "targets-shards"])
 def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys, command):
     blocker = tmp_path / "blocker"
     blocker.write_text("a file")
+    if command == "evaluate-robust":
+        _robust_checkpoint(tmp_path / "model")
     args = {
         "evaluate": ["evaluate", "--config", "configs/adversarial_alignment.py:runlocal", "--no-progress",
                      f"--config.workdir={blocker}"],
+        "evaluate-robust": _robust_args(tmp_path / "model", blocker),
         "train": ["train", "--config", "configs/pag_toy2d.py:runlocal", "--no-progress", f"--config.workdir={blocker}",
                   "--config.total_steps=2"],
         "synth": ["data", "synth", "--config", "configs/synthetic_clickme.py:runlocal", "--out", str(blocker)],

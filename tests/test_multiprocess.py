@@ -1,7 +1,8 @@
 """The commands as several JAX processes (``scripts/launch_local.sh``: coordinator on 127.0.0.1, gloo
 collectives), against the same command as one process with as many devices in all.
 
-- ``evaluate``: the same per-image rows and summary;
+- ``evaluate`` and ``evaluate-robust``: the same per-image (per-example) rows and summary, written by
+  process 0 alone;
 - ``train`` (PAG toy, CE on ClickMe shards): the same parameters after a few SGD steps, up to float32
   rounding (the global batches hold the same examples, ``process_sharding='global'`` for ClickMe;
   the order of the gradient's cross-device sum differs);
@@ -81,6 +82,22 @@ def test_evaluate_as_two_processes_writes_the_single_process_rows(tmp_path):
     drop = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # noqa: E731  (wall_time_s is last)
     assert drop(sa) == drop(sb)
     assert "[0] small_cnn_vanilla" in proc.stdout and "[1] small_cnn_vanilla" not in proc.stdout  # one speaks
+
+
+ROBUST = ["evaluate-robust", "--config", "configs/robustness.py:runlocal", "--no-progress",
+          "--config.attacks=('pgd-linf',)", "--config.max_examples=8", "--config.batch_size=4"]
+
+
+def test_evaluate_robust_as_two_processes_writes_the_single_process_rows(tmp_path):
+    _ok(one(ROBUST + [f"--config.workdir={tmp_path / 'one'}"]))
+    proc = _ok(two(ROBUST + [f"--config.workdir={tmp_path / 'two'}"]))
+    a = (tmp_path / "one" / "per_example.csv").read_text().splitlines()
+    b = (tmp_path / "two" / "per_example.csv").read_text().splitlines()
+    assert a == b and len(b) == 9  # the same rows, each example once
+    drop = lambda text: [r.split(",")[:10] for r in text.splitlines()]  # noqa: E731  (times last)
+    assert drop((tmp_path / "one" / "summary.csv").read_text()) == drop((tmp_path / "two" / "summary.csv").read_text())
+    assert "[0] pgd-linf" in proc.stdout and "[1] pgd-linf" not in proc.stdout  # one speaks
+    assert "[0] results:" in proc.stdout and "[1] results:" not in proc.stdout
 
 
 TOY = ["train", "--config", "configs/pag_toy2d.py:runlocal", "--no-progress", "--config.optimizer.name=sgd",

@@ -18,7 +18,8 @@ def add_parser(sub) -> None:
                     "8/255). An example counts as robust only if it is classified correctly clean and after the "
                     "attack. Prints and writes the robust accuracy after each stage and the time each took, "
                     "and AutoAttack's sanity checks (also logged as warnings). Writes per_example.csv and "
-                    "summary.csv in the workdir; resumes an interrupted run.",
+                    "summary.csv in the workdir; resumes an interrupted run (one run per workdir; a rerun over another "
+                    "configuration or checkpoint is refused).",
         epilog=f"Example: advalign-jax evaluate-robust --config {DEFAULT_CONFIG} "
                "--config.model_dir=checkpoints/MODEL --config.max_examples=1000 --config.workdir=results/robust; "
                f"offline: advalign-jax evaluate-robust --config {DEFAULT_CONFIG}:runlocal "
@@ -31,11 +32,13 @@ def add_parser(sub) -> None:
 
 
 def run_evaluate_robust(args: argparse.Namespace) -> int:
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
+    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
     from advalign_jax.evaluation import robustness  # pylint: disable=import-outside-toplevel
 
-    config = load_config(args.config, args.config_overrides)
+    config = job_config(args)
     rows = robustness.evaluate(config, progress=not args.no_progress)
+    if not lead():
+        return 0
     print(robustness.format_summary(rows))
     print(f"results: {os.path.join(config.workdir, 'summary.csv')} (per example: "
           f"{os.path.join(config.workdir, 'per_example.csv')})")

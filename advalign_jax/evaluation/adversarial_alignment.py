@@ -52,8 +52,7 @@ from advalign_jax.attacks.pgd import PGDConfig
 from advalign_jax.attacks.search import ReferenceSearch, doubling_search, reference_search
 from advalign_jax.errors import ConfigError
 from advalign_jax.evaluation import metrics, runner
-from advalign_jax.evaluation.results import format_table
-from advalign_jax.evaluation.runner import format_comparison, format_interval
+from advalign_jax.evaluation.runner import format_comparison, format_interval, format_table
 
 PER_IMAGE_COLUMNS = ["model", "img", "label", "pred", "eps", "l2", "linf", "spearman",
                      "clean_pred", "status", "dice", "iou", *runner.CUE_COLUMNS]

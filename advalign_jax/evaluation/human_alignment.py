@@ -33,7 +33,7 @@ import numpy as np
 
 from advalign_jax.errors import ConfigError
 from advalign_jax.evaluation import metrics, runner, saliency
-from advalign_jax.evaluation.results import format_table
+from advalign_jax.evaluation.runner import format_table
 
 HUMAN_CEILING = 0.65753
 PER_IMAGE_COLUMNS = ["model", "img", "label", "pred", "spearman", "dice", "iou", *runner.CUE_COLUMNS]

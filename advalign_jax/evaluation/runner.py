@@ -479,10 +479,17 @@ def format_interval(row: dict, key: str, digits: int = 3, scale: float = 1.0) ->
     return f"{m:.{digits}g} [{lo:.{digits}g}, {hi:.{digits}g}]"
 
 
+def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A fixed-width text table (floats to 4 significant digits)."""
+    cells = [[f"{r[c]:.4g}" if isinstance(r[c], float) else store.fmt(r[c]) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
 def format_comparison(rows: Sequence[dict]) -> str:
     """The paired differences (:func:`compare_models` rows) as a text table."""
-    from advalign_jax.evaluation.results import format_table  # pylint: disable=import-outside-toplevel
-
     def p_text(p):
         return "-" if not math.isfinite(p) else f"{p:.2g}"
 
