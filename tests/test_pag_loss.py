@@ -3,6 +3,7 @@
 BatchNorm, K-subsets, augmentation, reductions, eps on zero vectors, and the one-forward-pass property."""
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -473,3 +474,125 @@ def test_official_semantics_objective_is_the_official_step():
     objective.loss(recording, variables["params"], state, batch, rng, ours)
     jax.effects_barrier()
     assert len(recording.seen) == 1 and _the_one_draw(x, recording.seen[0], 2) is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two orders of differentiation (PAGConfig.differentiation) give the same loss and gradient
+# ----------------------------------------------------------------------------------------------------
+
+
+# XLA:CPU's cheapest compilation: these checks run each program once, so compiling dominates.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+class _Float64Model:
+    """A registry model applied in float64 end to end (``Model.apply_train`` returns float32 logits)."""
+
+    def __init__(self, model):
+        self.model, self.num_classes = model, model.num_classes
+
+    def apply_train(self, variables, images, rng=None):
+        logits, state = self.model.module.apply(variables, images, train=True, mutable=["batch_stats"])
+        return logits, dict(state)
+
+
+@functools.lru_cache(maxsize=1)
+def _tiny_resnet():
+    """A one-block-per-stage CIFAR ResNet (training-mode BatchNorm) computing in float64, 8x8 inputs, C
+    classes; its variables (non-trivial running statistics) and a batch, as float64 NumPy arrays."""
+    from advalign_jax.models.registry import get_model
+
+    model = get_model("cifar_resnet18", num_classes=C, stage_sizes=(1, 1), widths=(4, 8), input_size=8,
+                      dtype="float64")
+    init = jax.jit(lambda key: model.module.init(key, jnp.zeros((1, 8, 8, 3)), train=False),
+                   compiler_options=FAST_COMPILE)
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64), dict(init(jax.random.PRNGKey(0))))
+    rng = np.random.default_rng(12)
+    variables["batch_stats"] = jax.tree.map(lambda a: rng.uniform(0.5, 1.5, a.shape), variables["batch_stats"])
+    x = rng.uniform(size=(N, 8, 8, 3))
+    y = rng.integers(0, C, size=N).astype(np.int32)
+    targets = rng.normal(size=(N, C, 8, 8, 3))
+    return model, variables, x, y, targets
+
+
+def _tiny_resnet_f64():
+    """:func:`_tiny_resnet` as float64 JAX arrays (call under ``jax.enable_x64``)."""
+    model, variables, x, y, targets = _tiny_resnet()
+    variables, x, targets = jax.tree.map(jnp.asarray, (variables, x, targets))
+    return _Float64Model(model), variables, x, jnp.asarray(y), targets
+
+
+def _assert_orders_agree(run, tol=1e-10):
+    """``run(order) -> (value, grads, new_state, metrics)``: the two orders agree to ``tol`` relative
+    (per parameter leaf; a leaf whose gradient vanishes, such as a conv bias before BatchNorm, against
+    1e-3 of the whole gradient's norm)."""
+    (va, ga, sa, ma), (vb, gb, sb, mb) = (jax.tree.map(np.asarray, run(order)) for order in P.DIFFERENTIATIONS)
+    assert abs(float(va) - float(vb)) <= tol * abs(float(va)), (float(va), float(vb))
+    assert abs(float(ma["loss"]) - float(va)) <= tol * abs(float(va))  # the value: CE + weight * align
+    la, lb = jax.tree.leaves(ga), jax.tree.leaves(gb)
+    assert len(la) == len(lb) and all(a.dtype == np.float64 for a in la)
+    total = np.sqrt(sum(np.sum(np.square(a)) for a in la))
+    assert total > 0
+    for a, b in zip(la, lb):
+        rel = np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-3 * total)
+        assert rel < tol, rel
+    for a, b in zip(jax.tree.leaves(sa), jax.tree.leaves(sb)):
+        assert _rel(b, a) < tol
+    return ma
+
+
+@pytest.mark.parametrize("semantics,k,augmented", [("shared", 3, True), ("replicated", 3, True),
+                                                   ("shared", C, False)])
+def test_reverse_over_forward_equals_reverse_over_reverse(semantics, k, augmented):
+    """float64, training-mode BatchNorm: loss, full parameter gradient and new BatchNorm state of the
+    two orders of differentiation agree to 1e-10, for both semantics, with a K-subset of the classes
+    and an augmentation inside the loss."""
+    with jax.enable_x64(True):
+        model, variables, x, y, targets = _tiny_resnet_f64()
+        state = {"batch_stats": variables["batch_stats"]}
+        augment = P.make_crop_flip(2, fill=0.5) if augmented else None
+
+        def run(order):
+            cfg = P.PAGConfig(weight=15.0, num_targets=k, semantics=semantics, differentiation=order)
+
+            def loss(params):
+                apply_fn = lambda st, im: model.apply_train({"params": params, **st}, im)  # noqa: E731
+                return P.pag_loss(apply_fn, state, x, y, targets, cfg, key=jax.random.PRNGKey(4),
+                                  augment=augment)
+
+            (value, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                                           compiler_options=FAST_COMPILE)(variables["params"])
+            return value, grads, new_state, metrics
+
+        metrics = _assert_orders_agree(run)
+        assert float(metrics["alignment"]) > 0.5  # a non-trivial term
+
+
+def test_objective_orders_agree_with_a_warm_weight():
+    """The PAG objective reads ``differentiation`` from its config block; with a warm-up weight (a traced
+    value) both orders still give the same loss and gradient."""
+    from advalign_jax.training.config_blocks import objective_block
+    from advalign_jax.training.objectives import pag as objective
+
+    assert objective.pag_config(objective_block("pag")).differentiation == "reverse_over_reverse"
+    with jax.enable_x64(True):
+        model, variables, x, y, targets = _tiny_resnet_f64()
+        state = {"batch_stats": variables["batch_stats"]}
+        batch = {"image": x, "label": y, "targets": targets, "index": jnp.arange(N), "step": jnp.int32(0)}
+
+        def run(order):
+            cfg = objective_block("pag", pag_weight=15.0, num_targets=2, target_source="precomputed",
+                                  warm_steps=5, warm_weight=4.0, augment_padding=2, differentiation=order)
+            assert objective.pag_config(cfg).differentiation == order
+
+            def loss(params):
+                return objective.loss(model, params, state, batch, jax.random.PRNGKey(2), cfg)
+
+            (value, (new_state, metrics)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                                           compiler_options=FAST_COMPILE)(variables["params"])
+            return value, grads, new_state, metrics
+
+        metrics = _assert_orders_agree(run)
+        assert float(metrics["pag_weight"]) == 4.0
+    with pytest.raises(ConfigError, match="differentiation"):
+        objective.pag_config(objective_block("pag", differentiation="forward"))

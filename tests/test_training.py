@@ -94,3 +94,27 @@ def test_harmonization_recipe_runs_locally(recipe, tmp_path):
         config.model.options.update(depth=2, width=192, heads=3, mlp_dim=768)
     result = train(config, progress=False, log=lambda *a: None)
     assert np.isfinite(result["loss"]) and os.path.exists(result["export"])
+
+
+def test_a_checkpoint_from_before_an_added_key_resumes_at_its_default():
+    """A saved config without ``objective.differentiation`` (written before the key existed) resumes
+    when the current value is the default; any other value is a changed configuration."""
+    from advalign_jax.training.trainer import _check_meta
+
+    def meta(**objective):
+        return {"arch": "small_cnn", "num_classes": 10, "model_options": {}, "optimizer": "sgd",
+                "objective": "pag", "config": {"seed": 0, "objective": {"pag_weight": 15.0, **objective}},
+                "process_count": 1}
+
+    old = meta()
+    _check_meta(old, meta(differentiation="reverse_over_reverse"), "ckpt")
+    _check_meta(meta(differentiation="reverse_over_forward"), meta(differentiation="reverse_over_forward"), "ckpt")
+    for saved, current in ((old, meta(differentiation="reverse_over_forward")),
+                           (meta(differentiation="reverse_over_forward"), meta(differentiation="reverse_over_reverse")),
+                           (meta(differentiation="reverse_over_reverse"), meta())):
+        with pytest.raises(AdvalignError, match="objective.differentiation"):
+            _check_meta(saved, current, "ckpt")
+    with pytest.raises(AdvalignError, match="objective.pag_weight"):  # other keys still compared
+        _check_meta(old, {**meta(differentiation="reverse_over_reverse"),
+                          "config": {"seed": 0, "objective": {"pag_weight": 5.0,
+                                                              "differentiation": "reverse_over_reverse"}}}, "ckpt")

@@ -88,18 +88,21 @@ def pyramidal_mse(a, b, tokens, levels: int = 5):
     return sum(jnp.mean(jnp.square(u - v) * t) for u, v in zip(pa, pb)) / levels
 
 
-def saliency_from_vjp(vjp_fn, labels, num_classes: int, variant: str = "mean"):
-    """The input-gradient of the true-class logit from a VJP of the forward pass, reduced over RGB.
-
-    ``variant``: ``'mean'`` (signed mean over channels; the training loss) or ``'absmax'``
-    (max over channels of the absolute gradient; the evaluation saliency).
-    """
-    (grad,) = vjp_fn(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32))
+def reduce_saliency(grad, variant: str = "mean"):
+    """An input-gradient (N, H, W, C) reduced over its channels: ``'mean'`` (signed mean; the training
+    loss) or ``'absmax'`` (max of the absolute value; the evaluation saliency)."""
     if variant == "mean":
         return jnp.mean(grad, axis=-1)
     if variant == "absmax":
         return jnp.max(jnp.abs(grad), axis=-1)
     raise ValueError(f"saliency variant must be 'mean' or 'absmax', got {variant!r}")
+
+
+def saliency_from_vjp(vjp_fn, labels, num_classes: int, variant: str = "mean", dtype=jnp.float32):
+    """The input-gradient of the true-class logit from a VJP of the forward pass, reduced over RGB
+    (:func:`reduce_saliency`). ``dtype``: that of the logits (float64 for verification)."""
+    (grad,) = vjp_fn(jax.nn.one_hot(labels, num_classes, dtype=dtype))
+    return reduce_saliency(grad, variant)
 
 
 def alignment_term(saliency, human_maps, tokens, levels: int = 5):

@@ -12,7 +12,20 @@ For images x (N, ...), labels y, target classes c_{n,k} (N, K) and target gradie
              = C * (1 - mean_{n,k} cos_{n,k})           reduction='sum'   (the paper's sum over classes)
     L        = mean_n CE(f(x_n), y_n) + weight * align                    (pag_loss)
 
-The loss is differentiated w.r.t. the parameters through ``a`` (double backprop).
+The loss is differentiated w.r.t. the parameters through ``a`` (double backprop), in one of two
+orders (``differentiation``; both give the same loss and gradient, ``tests/test_pag_loss.py``):
+
+- ``'reverse_over_reverse'``: ``a`` is a VJP of the forward pass and the trainer's reverse-mode
+  gradient goes back through that VJP;
+- ``'reverse_over_forward'``: with ``u_{n,k}`` the one-hot cotangent that gives ``a_{n,k} = J^T u``
+  (``J = d log softmax(f(x)) / dx``) and ``v = d(weight * align) / da`` held fixed, the alignment
+  term's parameter gradient is ``d/dtheta sum_k <v_k, J^T u_k> = d/dtheta sum_k <u_k, J v_k>``: the
+  reverse-mode gradient of K forward-mode directional derivatives of the same forward pass along
+  ``v``. The loss returned is ``CE + weight * align + (S - stop_gradient(S))`` with
+  ``S = sum_k <u_k, J v_k>``: the same value, and the same derivative w.r.t. anything the forward pass
+  depends on (parameters, BatchNorm state, images). The target gradients are treated as constants
+  (they are: the objective stops their gradient). One linearisation of the forward pass
+  (``jax.linearize``) serves the K VJPs (its transpose) and the K JVPs.
 
 What ``weight`` (lambda) means:
 
@@ -76,6 +89,7 @@ EPS = 1e-8
 REDUCTIONS = ("mean", "sum")
 SEMANTICS = ("shared", "replicated")
 GRAD_SCALES = ("mean", "unit")
+DIFFERENTIATIONS = ("reverse_over_reverse", "reverse_over_forward")
 OFFICIAL_FACTOR = 10.0  # the hard-coded factor of the official PAG term
 
 
@@ -94,12 +108,15 @@ class PAGConfig:
     eps: float = EPS
     semantics: str = "shared"
     grad_scale: str = "mean"
+    differentiation: str = "reverse_over_reverse"
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
             raise ConfigError(f"PAG reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.semantics not in SEMANTICS:
             raise ConfigError(f"PAG semantics must be one of {SEMANTICS}, got {self.semantics!r}")
+        if self.differentiation not in DIFFERENTIATIONS:
+            raise ConfigError(f"PAG differentiation must be one of {DIFFERENTIATIONS}, got {self.differentiation!r}")
         if self.grad_scale not in GRAD_SCALES:
             raise ConfigError(f"PAG grad_scale must be one of {GRAD_SCALES}, got {self.grad_scale!r}")
         if self.num_targets is not None and int(self.num_targets) < 1:
@@ -163,10 +180,15 @@ def gather_targets(targets, classes):
 # ----------------------------------------------------------------------------------------------------
 
 
+def _at_least_f32(a):
+    """``a`` in float32, or in its own wider float type (float64 for verification)."""
+    return a.astype(jnp.promote_types(a.dtype, jnp.float32))
+
+
 def _log_softmax_forward(forward):
     def f(x):
         logits, aux = forward(x)
-        logits = logits.astype(jnp.float32)
+        logits = _at_least_f32(logits)
         return jax.nn.log_softmax(logits), (logits, aux)
 
     return f
@@ -216,6 +238,41 @@ def replicated_class_input_gradients(forward: Callable, x, classes, grad_scale=1
     return grads.reshape((n, k) + x.shape[1:]), logits, aux
 
 
+def linearized_input_gradients(forward: Callable, x, cotangents, scale=1.0):
+    """One linearisation of ``log softmax(forward(x))`` at ``x`` and the input-gradients it gives.
+
+    ``cotangents``: (N, K, C) (K cotangents, e.g. one-hot rows) or (N, C) (one), multiplied by
+    ``scale`` in the log-probabilities' dtype (a float64 model keeps a float64 scale). Returns
+    ``(grads, jvp, logits, aux)``: ``grads`` (N, K, *x.shape[1:]) or x's shape, ``J^T u`` for each
+    cotangent ``u`` (the transpose of the linearisation, vmapped over K); ``jvp(v)`` the directional
+    derivative ``J v`` of the log-probabilities along a tangent of the same layout as ``grads``.
+    The forward pass runs once for both directions.
+    """
+    logp, f_lin, (logits, aux) = jax.linearize(_log_softmax_forward(forward), x, has_aux=True)
+    f_t = jax.linear_transpose(f_lin, jax.ShapeDtypeStruct(x.shape, x.dtype))
+    cotangents = cotangents.astype(logp.dtype) * jnp.asarray(scale, logp.dtype)
+    if cotangents.ndim == 2:
+        return f_t(cotangents)[0], f_lin, logits, aux
+    grads = jax.vmap(lambda u: f_t(u)[0], in_axes=1, out_axes=1)(cotangents)
+    return grads, jax.vmap(f_lin, in_axes=1, out_axes=1), logits, aux
+
+
+def reverse_over_forward_term(align_fn: Callable, grads, jvp: Callable, cotangents, weight, scale=1.0):
+    """``(align, aux, S - stop_gradient(S))`` for :func:`pag_loss`'s ``'reverse_over_forward'`` order.
+
+    ``align, aux = align_fn(grads)`` on the input-gradients held fixed; ``v = weight * d align / d grads``
+    (fixed); ``S = scale * sum <cotangents, jvp(v)>`` (the cotangents and scale that gave ``grads``),
+    whose derivative w.r.t. anything the forward pass depends on is that of ``weight * align(J^T u)``
+    (module docstring). The third output is 0.
+    """
+    grads = jax.lax.stop_gradient(grads)
+    (align, aux), d_align = jax.value_and_grad(align_fn, has_aux=True)(grads)
+    v = jax.lax.stop_gradient(weight * d_align)
+    tangent = jvp(v)
+    s = jnp.sum(cotangents.astype(tangent.dtype) * tangent) * jnp.asarray(scale, tangent.dtype)
+    return align, aux, s - jax.lax.stop_gradient(s)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Cosine and the alignment term
 # ----------------------------------------------------------------------------------------------------
@@ -237,8 +294,8 @@ def _clamped_norm(a, eps):
 def cosine_similarity(a, b, eps: float = EPS):
     """``sum((a / max(||a||, eps)) * (b / max(||b||, eps)))`` over the last axis (torch semantics,
     value and gradient; see the module docstring)."""
-    a = a.astype(jnp.float32)
-    b = b.astype(jnp.float32)
+    a = _at_least_f32(a)
+    b = _at_least_f32(b)
     return jnp.sum((a / _clamped_norm(a, eps)) * (b / _clamped_norm(b, eps)), axis=-1)
 
 
@@ -263,7 +320,7 @@ def alignment_term(cos, reduction: str = "mean", num_classes: Optional[int] = No
 
 def cross_entropy(logits, labels):
     """Mean cross-entropy from logits (``torch.nn.CrossEntropyLoss()``)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32))
+    logp = jax.nn.log_softmax(_at_least_f32(logits))
     return -jnp.mean(jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=1))
 
 
@@ -291,7 +348,7 @@ def crop_flip(x, offsets, flips, padding: int = 4, fill: float = 0.0):
     flips = jnp.broadcast_to(jnp.asarray(flips, bool), (n,))
 
     def one(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, c))
+        return jax.lax.dynamic_slice(img, (off[0], off[1], jnp.zeros((), off.dtype)), (h, w, c))
 
     out = jax.vmap(one)(xp, offsets)
     return jnp.where(flips[:, None, None, None], out[:, :, ::-1], out)
@@ -323,7 +380,7 @@ def make_crop_flip(padding: int = 4, fill: float = 0.0, per_example: bool = True
 
 
 def pag_loss(apply_fn: Callable, state: Any, x, labels, targets, cfg: PAGConfig, *, key=None,
-             classes=None, augment: Optional[Callable] = None, x_ce=None):
+             classes=None, augment: Optional[Callable] = None, x_ce=None, weight=None):
     """``CE + weight * alignment`` (module docstring); differentiable w.r.t. whatever ``apply_fn``
     closes over (the parameters), through the input-gradients.
 
@@ -332,7 +389,8 @@ def pag_loss(apply_fn: Callable, state: Any, x, labels, targets, cfg: PAGConfig,
         the BatchNorm state, ``{}`` for models without one).
       x: (N, ...) the un-augmented images: the gradients are taken w.r.t. these (the frame of the
         targets).
-      targets: (N, C, ...) target gradients for every class (the stored layout minus the image).
+      targets: (N, C, ...) target gradients for every class (the stored layout minus the image),
+        constants of the loss.
       key: draws the K-subset of classes (when ``classes`` is None and K < C) and the augmentations.
       classes: optional (N, K) target classes (else :func:`select_classes`).
       augment: optional ``augment(key, images) -> images``, differentiable in the images (e.g.
@@ -340,6 +398,7 @@ def pag_loss(apply_fn: Callable, state: Any, x, labels, targets, cfg: PAGConfig,
       x_ce: 'replicated' only: images for the cross-entropy's own forward pass (e.g. augmented by the
         input pipeline); default ``augment(x)``. The 'shared' semantics has a single forward pass at
         ``augment(x)`` and rejects ``x_ce``.
+      weight: lambda, if not ``cfg.weight`` (e.g. a traced schedule value).
 
     Returns ``(loss, (new_state, metrics))``.
     """
@@ -356,29 +415,51 @@ def pag_loss(apply_fn: Callable, state: Any, x, labels, targets, cfg: PAGConfig,
         classes = select_classes(k_cls if k < num_classes else None, n, num_classes, k)
     elif classes.shape != (n, k):
         raise ValueError(f"classes must have shape {(n, k)}, got {classes.shape}")
+    if cfg.semantics == "shared" and x_ce is not None:
+        raise ValueError("the 'shared' PAG semantics has one forward pass at augment(x); x_ce is only "
+                         "for semantics='replicated'")
     selected = gather_targets(targets, classes)
     scale = grad_scale_value(cfg, n, k)
+    weight = cfg.weight if weight is None else weight
 
     def aug(kk, images):
         return images if augment is None else augment(kk, images)
 
-    if cfg.semantics == "shared":
-        if x_ce is not None:
-            raise ValueError("the 'shared' PAG semantics has one forward pass at augment(x); x_ce is only "
-                             "for semantics='replicated'")
-        grads, logits, new_state = class_input_gradients(lambda xi: apply_fn(state, aug(k_aug1, xi)), x,
-                                                         classes, scale)
-    else:
-        logits, mid_state = apply_fn(state, aug(k_aug1, x) if x_ce is None else x_ce)
-        grads, _, new_state = replicated_class_input_gradients(
-            lambda xr: apply_fn(mid_state, aug(k_aug2, xr)), x, classes, scale)
+    def align_fn(grads):
+        cos = pair_cosines(grads, selected, cfg.eps)
+        return alignment_term(cos, cfg.reduction, num_classes), cos
 
-    cos = pair_cosines(grads, selected, cfg.eps)
-    align = alignment_term(cos, cfg.reduction, num_classes)
+    if cfg.differentiation == "reverse_over_reverse":
+        if cfg.semantics == "shared":
+            grads, logits, new_state = class_input_gradients(lambda xi: apply_fn(state, aug(k_aug1, xi)), x,
+                                                             classes, scale)
+        else:
+            logits, mid_state = apply_fn(state, aug(k_aug1, x) if x_ce is None else x_ce)
+            grads, _, new_state = replicated_class_input_gradients(
+                lambda xr: apply_fn(mid_state, aug(k_aug2, xr)), x, classes, scale)
+        align, cos = align_fn(grads)
+        mixed = 0.0
+    else:
+        if cfg.semantics == "shared":
+            cot = jax.nn.one_hot(classes, num_classes, dtype=jnp.float32)
+            grads, jvp, logits, new_state = linearized_input_gradients(
+                lambda xi: apply_fn(state, aug(k_aug1, xi)), x, cot, scale)
+        else:
+            logits, mid_state = apply_fn(state, aug(k_aug1, x) if x_ce is None else x_ce)
+            cot_rows = jax.nn.one_hot(classes.reshape(-1), num_classes, dtype=jnp.float32)
+            rows_grads, rows_jvp, _, new_state = linearized_input_gradients(
+                lambda xr: apply_fn(mid_state, aug(k_aug2, xr)), replicate(x, k), cot_rows, scale)
+            grads = rows_grads.reshape((n, k) + x.shape[1:])
+            cot = cot_rows.reshape(n, k, num_classes)
+
+            def jvp(v):  # (N, K, ...) tangents of the replicated rows -> (N, K, C)
+                return rows_jvp(v.reshape(rows_grads.shape)).reshape(n, k, num_classes)
+        align, cos, mixed = reverse_over_forward_term(align_fn, grads, jvp, cot, weight, scale)
+
     ce = cross_entropy(logits, labels)
-    total = ce + cfg.weight * align
+    total = ce + weight * align + mixed
     metrics = {
-        "loss": total, "ce": ce, "alignment": align, "cos_mean": jnp.mean(cos),
+        "loss": ce + weight * align, "ce": ce, "alignment": align, "cos_mean": jnp.mean(cos),
         "accuracy": jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)),
     }
     return total, (new_state, metrics)

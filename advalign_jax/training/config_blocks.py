@@ -29,6 +29,11 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.lambda_harmonization = 1.0
     block.pyramid_levels = 5
     block.saliency = "mean"
+    # harmonizer and PAG: the order in which the parameter gradient goes through the input-gradients:
+    # 'reverse_over_reverse' (back through the VJP) or 'reverse_over_forward' (the gradient of
+    # forward-mode directional derivatives). The same loss and gradient; docs/benchmarks.md compares
+    # their cost ("Orders of differentiation").
+    block.differentiation = "reverse_over_reverse"
     # PAG (objective 'pag'; advalign_jax/training/objectives/pag.py)
     block.pag_weight = 15.0
     block.reduction = "mean"

@@ -173,6 +173,9 @@ def _manager(workdir: str, config):
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "workdir",
                      "export_to", "num_devices", "distributed")
+# Config keys added after workdirs were written, each with the value that computes what such a workdir
+# computed: a checkpoint whose saved config lacks the key resumes when the current value is this one.
+ADDED_KEYS = {"objective.differentiation": "reverse_over_reverse"}
 
 
 def _data_state_dir(workdir: str, step: int, process: Optional[int] = None) -> str:
@@ -209,7 +212,8 @@ def _check_meta(saved: dict, current: dict, path: str) -> None:
             raise AdvalignError(f"{path} holds a checkpoint with {key} {saved.get(key)!r}, but this config has "
                                 f"{current.get(key)!r}; use another --config.workdir to start afresh")
     if "config" in saved:
-        changed = store.differences(saved["config"], current["config"])
+        changed = [k for k in store.differences(saved["config"], current["config"])
+                   if not _added_with_default(saved["config"], current["config"], k)]
         if changed:
             shown = "; ".join(store.first_difference(_get(saved["config"], k), _get(current["config"], k), k)
                               for k in changed[:4])
@@ -224,9 +228,21 @@ def _check_meta(saved: dict, current: dict, path: str) -> None:
                             f"so resume with {saved_count} process(es) or use another --config.workdir")
 
 
-def _get(tree: dict, dotted: str):
+_MISSING = object()
+
+
+def _added_with_default(saved: dict, current: dict, dotted: str) -> bool:
+    """True for a key of :data:`ADDED_KEYS` that the saved config lacks and the current one holds at its
+    default (the run is unchanged)."""
+    return (dotted in ADDED_KEYS and _get(saved, dotted, _MISSING) is _MISSING
+            and _get(current, dotted, _MISSING) == ADDED_KEYS[dotted])
+
+
+def _get(tree: dict, dotted: str, default=None):
     for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
+        if not isinstance(tree, dict) or part not in tree:
+            return default
+        tree = tree[part]
     return tree
 
 

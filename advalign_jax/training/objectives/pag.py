@@ -17,6 +17,9 @@ Loss and semantics: :mod:`advalign_jax.losses.pag`; target gradients:
   (``targets_labels_file``) as the official code does; ``targets_image_range``: ``'0_1'`` or the
   official ``'-1_1'``; :func:`advalign_jax.training.inputs.precomputed_training_set`);
 - ``warm_steps`` / ``warm_weight``: a different weight for the first steps (the official ViT recipe);
+- ``differentiation``: the order in which the parameter gradient goes through the input-gradients,
+  ``'reverse_over_reverse'`` (default) or ``'reverse_over_forward'``; the same loss and gradient
+  (:mod:`advalign_jax.losses.pag`, ``docs/benchmarks.md`` "Orders of differentiation" for their cost);
 - ``augment_padding``: a random crop after padding by this many pixels (``augment_fill`` in [0, 1] units; 0.5 is
   the official zero of [-1, 1] images) and a horizontal flip, applied inside the loss so the gradients
   are taken w.r.t. the un-augmented image (0: none, e.g. the toy points); ``per_example_augment``: a
@@ -46,7 +49,8 @@ SOURCES = ("one_image", "class_mean", "nearest_neighbour", "precomputed")
 def pag_config(cfg) -> P.PAGConfig:
     return P.PAGConfig(weight=float(cfg.pag_weight), reduction=cfg.reduction,
                        num_targets=int(cfg.num_targets) or None, semantics=cfg.semantics,
-                       grad_scale=cfg.grad_scale)
+                       grad_scale=cfg.grad_scale,
+                       differentiation=cfg.get("differentiation", P.DIFFERENTIATIONS[0]))
 
 
 def prepare(config, train_input) -> dict:
@@ -95,11 +99,12 @@ def loss(model, params, model_state, batch, rng, cfg, context=None):
         augment = P.make_crop_flip(int(cfg.augment_padding), fill=float(cfg.augment_fill),
                                    per_example=bool(cfg.per_example_augment))
     targets = targets_for(batch, context or {}, cfg)
-    total, (new_state, metrics) = P.pag_loss(apply_fn, model_state, batch["image"], batch["label"], targets,
-                                             pag_config(cfg), key=k_pag, augment=augment)
+    weight = None
     if cfg.warm_steps:  # a different weight for the first steps (the official ViT: 20 for 50 epochs, then 30)
         weight = jnp.where(batch["step"] < int(cfg.warm_steps), float(cfg.warm_weight), float(cfg.pag_weight))
-        total = metrics["ce"] + weight * metrics["alignment"]
-        metrics = {**metrics, "loss": total, "pag_weight": weight}
+    total, (new_state, metrics) = P.pag_loss(apply_fn, model_state, batch["image"], batch["label"], targets,
+                                             pag_config(cfg), key=k_pag, augment=augment, weight=weight)
+    if weight is not None:
+        metrics = {**metrics, "pag_weight": weight}
     return total, (new_state, metrics)
 
