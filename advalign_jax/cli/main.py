@@ -59,6 +59,28 @@ def enable_compile_cache() -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``advalign-jax`` command. Run as the process's command (``argv`` None), a failure's one line
+    is the last thing it writes to stderr (:func:`_quiet_after_error`)."""
+    rc = _main(argv)
+    if argv is None and rc not in (0, 130):
+        _quiet_after_error()
+    return rc
+
+
+def _quiet_after_error() -> None:
+    """Sends the rest of the process's stderr to /dev/null: after a failed write, libraries' worker
+    threads (orbax's asyncio loop, TensorStore) may print tracebacks while the interpreter shuts down,
+    under the line that already said what failed and what to do."""
+    try:
+        sys.stderr.flush()
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
