@@ -134,6 +134,12 @@ def test_pag_on_clickme_data_is_refused_clearly(tmp_path, small_shards):
 @pytest.mark.parametrize("recipe", ["configs/pag_cifar10_resnet18.py:runlocal", "configs/pag_cifar10_vit.py:runlocal"])
 def test_official_pag_recipes_run_locally(recipe, tmp_path):
     config = load_config(recipe, [f"workdir={tmp_path / 'r'}"])
+    # the recipe's wiring (objective, targets, optimizer, schedule) on narrow copies of the two networks: the
+    # double backprop of the full-width ones, replicated on 8 simulated devices, took 150 s here
+    small = {"cifar_resnet18": dict(widths=(8, 16, 32, 64)), "cifar_vit": dict(hidden=48, num_layers=2, heads=4,
+                                                                               mlp_hidden=48)}
+    with config.unlocked():
+        config.model.options.update(small[config.model.name])
     assert config.optimizer.name == "sgd" and config.optimizer.weight_decay == 1e-4 and config.seed == 3407
     result = train(config, **QUIET)
     assert np.isfinite(result["loss"]) and os.path.exists(result["export"])
