@@ -112,7 +112,7 @@ def main() -> None:
     print(f"{args.model} at {args.size} px, batch {args.batch}: {flops / 1e9:.3f} GFLOP per forward, "
           f"measured peak {peak / 1e9:.0f} GFLOP/s, {forward_equivalents_per_image()} forward-equivalents "
           f"per image; {jax.devices()[0].device_kind}")
-    print("\n| program | ms per image (median of rounds) | share of the search | fraction of the floor | "
+    print("\n| program | ms per image (median of rounds) | share of the looped search | fraction of the floor | "
           "first call (compile + run) s |")
     print("|---|---|---|---|---|")
     print(f"| arithmetic floor | {1e3 * floor / args.batch:.2f} | {floor / full:.2f} | 1.00 | |")
