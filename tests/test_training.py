@@ -107,7 +107,7 @@ def test_a_checkpoint_from_before_an_added_key_resumes_at_its_default():
                 "process_count": 1}
 
     old = meta()
-    _check_meta(old, meta(differentiation="reverse_over_reverse"), "ckpt")
+    _check_meta(old, meta(differentiation="auto"), "ckpt")
     _check_meta(meta(differentiation="reverse_over_forward"), meta(differentiation="reverse_over_forward"), "ckpt")
     for saved, current in ((old, meta(differentiation="reverse_over_forward")),
                            (meta(differentiation="reverse_over_forward"), meta(differentiation="reverse_over_reverse")),
@@ -115,6 +115,5 @@ def test_a_checkpoint_from_before_an_added_key_resumes_at_its_default():
         with pytest.raises(AdvalignError, match="objective.differentiation"):
             _check_meta(saved, current, "ckpt")
     with pytest.raises(AdvalignError, match="objective.pag_weight"):  # other keys still compared
-        _check_meta(old, {**meta(differentiation="reverse_over_reverse"),
-                          "config": {"seed": 0, "objective": {"pag_weight": 5.0,
-                                                              "differentiation": "reverse_over_reverse"}}}, "ckpt")
+        _check_meta(old, {**meta(differentiation="auto"),
+                          "config": {"seed": 0, "objective": {"pag_weight": 5.0, "differentiation": "auto"}}}, "ckpt")

@@ -175,7 +175,7 @@ RESUMABLE_CHANGES = ("total_steps", "log_every", "checkpoint_every", "keep_check
                      "export_to", "num_devices", "distributed")
 # Config keys added after workdirs were written, each with the value that computes what such a workdir
 # computed: a checkpoint whose saved config lacks the key resumes when the current value is this one.
-ADDED_KEYS = {"objective.differentiation": "reverse_over_reverse"}
+ADDED_KEYS = {"objective.differentiation": "auto"}  # either order computes the same loss and gradient
 
 
 def _data_state_dir(workdir: str, step: int, process: Optional[int] = None) -> str:

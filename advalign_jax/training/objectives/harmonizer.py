@@ -8,8 +8,8 @@ trainer differentiates the whole loss w.r.t. the parameters (double backprop). T
 ``saliency`` ('mean' as in the reference), ``label_smoothing`` (0.1), ``weight_decay`` (1e-5) and
 ``decay_exclude`` (the name mask).
 
-The order of differentiation (``differentiation``, :data:`DEFAULT_DIFFERENTIATION` where the block
-has no such key) gives the same loss and gradient (``tests/test_harmonization.py``):
+The order of differentiation (``differentiation``; ``auto`` and a block without the key mean
+:data:`DEFAULT_DIFFERENTIATION`) gives the same loss and gradient (``tests/test_harmonization.py``):
 
 - ``'reverse_over_reverse'``: the saliency is a VJP of the forward pass, and the trainer's gradient
   goes back through it;
@@ -31,12 +31,15 @@ from advalign_jax.losses import harmonization as H
 from advalign_jax.training.objectives.ce import accuracy, l2_term, smoothed_cross_entropy
 
 DIFFERENTIATIONS = ("reverse_over_reverse", "reverse_over_forward")
+# 'auto' (the config default): reverse over reverse, as fast as the other order on the ResNet50V2 step
+# (median ratio 0.93 with rounds up to 1.16, docs/benchmarks.md), so the simpler program stays.
 DEFAULT_DIFFERENTIATION = "reverse_over_reverse"
 
 
 def loss(model, params, model_state, batch, rng, cfg):
     variables = {"params": params, **model_state}
     order = cfg.get("differentiation", DEFAULT_DIFFERENTIATION)
+    order = DEFAULT_DIFFERENTIATION if order == "auto" else order
     if order not in DIFFERENTIATIONS:
         raise ValueError(f"objective.differentiation must be one of {DIFFERENTIATIONS}, got {order!r}")
     levels = int(cfg.pyramid_levels)
