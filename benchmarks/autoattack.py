@@ -24,7 +24,6 @@ import os
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from advalign_jax.attacks import autoattack as AA

@@ -19,7 +19,6 @@ default's does nothing for these models in this jaxlib and needs no timing.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 
 import numpy as np
 

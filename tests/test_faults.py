@@ -50,6 +50,21 @@ def _run(args, crash_at=None, timeout=300):
     return subprocess.run(CLI + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _second_run_is_refused(first, args, timeout):
+    """Stops ``first`` (a running command holding its workdir), runs ``args`` on the same workdir, resumes
+    ``first``: the second run is refused in one line naming the first's PID, and the first completes."""
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _run(args)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=timeout)
+    assert first.returncode == 0, err[-2000:]
+    lines = second.stderr.strip().splitlines()
+    assert second.returncode == 2 and len(lines) == 1, second.stderr
+    assert f"is in use by another run (PID {first.pid}" in lines[0]
+
+
 def _spawn(args):
     return subprocess.Popen(CLI + args, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -171,16 +186,8 @@ def test_a_second_run_on_a_busy_workdir_stops_with_the_holders_pid(tmp_path):
     deadline = time.time() + 240
     while not (rows.exists() and rows.stat().st_size) and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
-    first.send_signal(signal.SIGSTOP)  # the first run holds the workdir, mid-run, while the second starts
-    try:
-        second = _run(EVALUATE + [f"--config.workdir={work}"])
-    finally:
-        first.send_signal(signal.SIGCONT)
-    out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, err[-2000:]
-    lines = second.stderr.strip().splitlines()
-    assert second.returncode == 2 and len(lines) == 1, second.stderr
-    assert f"is in use by another run (PID {first.pid}" in lines[0]
+    # the first run holds the workdir, mid-run, while the second starts
+    _second_run_is_refused(first, EVALUATE + [f"--config.workdir={work}"], timeout=300)
     lines = rows.read_text().splitlines()
     assert len(lines) == NUM_ROWS + 1 and len(set(lines)) == NUM_ROWS + 1  # every image once
 
@@ -394,16 +401,7 @@ def test_evaluate_robust_on_a_busy_workdir_stops_with_the_holders_pid(robust_str
     deadline = time.time() + 120
     while first.poll() is None and time.time() < deadline and not (lock.exists() and lock.read_text()):
         time.sleep(0.01)
-    first.send_signal(signal.SIGSTOP)  # it holds the workdir (the lock is taken before compiling)
-    try:
-        second = _run(args)
-    finally:
-        first.send_signal(signal.SIGCONT)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 0, err[-2000:]
-    lines = second.stderr.strip().splitlines()
-    assert second.returncode == 2 and len(lines) == 1, second.stderr
-    assert f"is in use by another run (PID {first.pid}" in lines[0]
+    _second_run_is_refused(first, args, timeout=120)  # it holds the workdir (the lock is taken before compiling)
     _same_robust_results(straight, tmp_path / "w")
 
 

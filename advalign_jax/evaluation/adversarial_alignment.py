@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -262,12 +262,7 @@ def plot_scatter(path: str, summary: Sequence[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    def get(row, key):
-        try:
-            return float(row.get(key, "nan"))
-        except (TypeError, ValueError):
-            return float("nan")
-
+    get = runner.row_float
     swap = [get(r, "cue_swap_accuracy") for r in summary]
     has_swap = any(math.isfinite(v) for v in swap)
     if has_swap:
@@ -302,10 +297,7 @@ def plot_cue_swap(ax, summary: Sequence[dict]) -> None:
     """Grouped bars per model: accuracy on the images as they are, with another class's patch colour
     (cue swap) and with the label's own (congruent), in %, from 0, with 95% intervals where known."""
     def get(row, key):
-        try:
-            return 100.0 * float(row.get(key, "nan"))
-        except (TypeError, ValueError):
-            return float("nan")
+        return 100.0 * runner.row_float(row, key)
 
     groups = [("as they are", "accuracy"), ("patch of another class", "cue_swap_accuracy"),
               ("patch of the label", "cue_congruent_accuracy")]
@@ -379,6 +371,21 @@ def plot_models(path: str, named_panels: Sequence[tuple], has_cue: bool = False,
     colour scale; ``rho``: Spearman with the human map; ``patch``: share of the mask inside the patch),
     with the patch cue outlined. Images are the first ones (record order) that some model attacked; a
     model that did not attack an image shows an empty cell."""
+
+    def title(name, p, cue):
+        return f"{name}\neps {float(p['eps']):.2f}, rho {float(p['spearman']):.2f}{cue}"
+
+    model_grid(path, named_panels, has_cue, max_images, image=lambda p: _show(p["x"]), map_key="pmask",
+               title=title, missing="not attacked",
+               suptitle="smallest attacks (|mean perturbation|) next to the human map")
+
+
+def model_grid(path: str, named_panels: Sequence[tuple], has_cue: bool, max_images: int, image: Callable,
+               map_key: str, title: Callable, missing: Optional[str], suptitle: str) -> None:
+    """A figure with one row per image (the first ``max_images`` record indices that any model has a
+    panel for) and the columns image, human map, then each model's ``panel[map_key]`` titled
+    ``title(name, panel, cue_text)`` (``missing`` where the model has no panel for the image), the
+    patch cue outlined when ``has_cue``. ``image(panel)`` gives the RGB image to show."""
     import matplotlib  # pylint: disable=import-outside-toplevel
 
     matplotlib.use("Agg")
@@ -392,24 +399,23 @@ def plot_models(path: str, named_panels: Sequence[tuple], has_cue: bool = False,
     fig, axes = plt.subplots(len(images), ncol, figsize=(1.9 * ncol, 2.0 * len(images) + 0.4), squeeze=False)
     for row, img in zip(axes, images):
         first = next(d[img] for _, d in by_model if img in d)
-        size = first["x"].shape[0]
-        row[0].imshow(_show(first["x"]))
+        shown = image(first)
+        row[0].imshow(shown)
         row[0].set_title(f"#{img}, label {first['label']}", fontsize=7)
         row[1].imshow(first["heatmap"], cmap="jet")
         row[1].set_title("human map", fontsize=7)
         for ax, (name, d) in zip(row[2:], by_model):
             if img in d:
                 p = d[img]
-                ax.imshow(p["pmask"], cmap="inferno")
+                ax.imshow(p[map_key], cmap="inferno")
                 cue = f", patch {100 * float(p['cue_mass']):.1f}%" if has_cue and "cue_mass" in p else ""
-                ax.set_title(f"{name}\neps {float(p['eps']):.2f}, rho {float(p['spearman']):.2f}{cue}", fontsize=6)
-            else:
-                ax.set_title(f"{name}\nnot attacked", fontsize=6)
+                ax.set_title(title(name, p, cue), fontsize=6)
+            elif missing:
+                ax.set_title(f"{name}\n{missing}", fontsize=6)
         for ax in row:
-            draw_cue(ax, size, has_cue)
+            draw_cue(ax, shown.shape[0], has_cue)
             ax.axis("off")
-    fig.suptitle("smallest attacks (|mean perturbation|) next to the human map"
-                 + ("; dashed: the spurious patch cue" if has_cue else ""), fontsize=9)
+    fig.suptitle(suptitle + ("; dashed: the spurious patch cue" if has_cue else ""), fontsize=9)
     fig.tight_layout()
     runner.save_figure(fig, path, dpi=90)
 

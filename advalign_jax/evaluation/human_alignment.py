@@ -140,38 +140,14 @@ def plot_panels(path: str, name: str, panels, has_cue: bool = False) -> None:
 def plot_models(path: str, named_panels, has_cue: bool = False, max_images: int = 6) -> None:
     """The same images for every model: image, human map, then each model's saliency map (its own
     colour scale; ``rho``: Spearman with the human map), with the patch cue outlined."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    from advalign_jax.evaluation.adversarial_alignment import model_grid  # pylint: disable=import-outside-toplevel
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    def title(name, p, cue):
+        return f"{name}\npred {int(p['pred'])}, rho {float(p['spearman']):.2f}{cue}"
 
-    from advalign_jax.evaluation.adversarial_alignment import draw_cue  # pylint: disable=import-outside-toplevel
-
-    by_model = [(name, {int(p["img"]): p for p in panels}) for name, panels in named_panels]
-    images = sorted(set().union(*(set(d) for _, d in by_model)))[:max_images]
-    if not images:
-        return
-    ncol = 2 + len(by_model)
-    fig, axes = plt.subplots(len(images), ncol, figsize=(1.9 * ncol, 2.0 * len(images) + 0.4), squeeze=False)
-    for row, img in zip(axes, images):
-        first = next(d[img] for _, d in by_model if img in d)
-        row[0].imshow(np.clip(first["image"], 0, 1))
-        row[0].set_title(f"#{img}, label {first['label']}", fontsize=7)
-        row[1].imshow(first["heatmap"], cmap="jet")
-        row[1].set_title("human map", fontsize=7)
-        for ax, (name, d) in zip(row[2:], by_model):
-            if img in d:
-                p = d[img]
-                ax.imshow(p["saliency"], cmap="inferno")
-                cue = f", patch {100 * float(p['cue_mass']):.1f}%" if has_cue and "cue_mass" in p else ""
-                ax.set_title(f"{name}\npred {int(p['pred'])}, rho {float(p['spearman']):.2f}{cue}", fontsize=6)
-        for ax in row:
-            draw_cue(ax, first["image"].shape[0], has_cue)
-            ax.axis("off")
-    fig.suptitle("saliency |d logit_y / dx| next to the human map"
-                 + ("; dashed: the spurious patch cue" if has_cue else ""), fontsize=9)
-    fig.tight_layout()
-    runner.save_figure(fig, path, dpi=90)
+    model_grid(path, named_panels, has_cue, max_images, image=lambda p: np.clip(p["image"], 0, 1),
+               map_key="saliency", title=title, missing=None,
+               suptitle="saliency |d logit_y / dx| next to the human map")
 
 
 def plot_scores(path: str, rows) -> None:
@@ -183,12 +159,7 @@ def plot_scores(path: str, rows) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    def num(r, key):
-        try:
-            return float(r.get(key, "nan"))
-        except (TypeError, ValueError):
-            return float("nan")
-
+    num = runner.row_float
     names = [r["model"] for r in rows]
     panels = [("human alignment (% of ceiling)", "human_alignment", 100.0),
               ("accuracy (%)", "accuracy", 100.0), ("cue-swap accuracy (%)", "cue_swap_accuracy", 100.0)]

@@ -89,11 +89,10 @@ from advalign_jax.attacks import autoattack as AA
 from advalign_jax.errors import ConfigError, DataError
 from advalign_jax.evaluation.robust_attacks import (  # noqa: F401  (re-exported)
     ATTACK_KINDS, PAG_EPOCH_EVAL, ROBUSTBENCH_EPS, SINGLE, STAGE_CONFIGS, TARGETS, APGDCascade, Attack, Cascade,
-    PGDAttack, _check_attacks, _clip, _fit_to_classes, _radius, attacks_from_config, autoattack_attack,
-    autoattack_whitebox, default_attacks, pgd_attack, single_attack)
+    PGDAttack, _check_attacks, _fit_to_classes, attacks_from_config, autoattack_attack, autoattack_whitebox,
+    default_attacks, pgd_attack, single_attack)
 from advalign_jax.evaluation.robust_batch import (  # noqa: F401  (re-exported)
-    DEFAULT_CHUNKS, BatchFn, _attack_key, _chunk, _clean, _Compiled, _finish, _norm_of, _records, _run_pgd,
-    _take_stage, batch_outputs, cascade_stage, make_batch_fn)
+    DEFAULT_CHUNKS, BatchFn, _attack_key, _records, batch_outputs, cascade_stage, make_batch_fn)
 from advalign_jax.evaluation.robust_io import (  # noqa: F401  (re-exported)
     SUMMARY_COLUMNS, arrays_from_csv, csv_rows, format_summary, per_example_columns, summary_rows)
 

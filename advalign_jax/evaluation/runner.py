@@ -458,6 +458,15 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
         plt.close(fig)
 
 
+def row_float(row: dict, key: str) -> float:
+    """``float(row[key])`` for a summary row read back from CSV; NaN where the key is missing, empty or
+    not a number (a model without that metric)."""
+    try:
+        return float(row.get(key, "nan"))
+    except (TypeError, ValueError):
+        return float("nan")
+
+
 def mean_std(values) -> tuple[float, float]:
     a = np.asarray(values, np.float64)
     return (float(np.mean(a)), float(np.std(a))) if a.size else (float("nan"), float("nan"))
