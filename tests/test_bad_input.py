@@ -162,3 +162,17 @@ def test_label_range_is_configurable_in_the_reader(tmp_path):
     cfg = reader_lib.ReaderConfig(files=(path,), batch_size=8, num_classes=1000, image_size=16)
     batch = next(iter(reader_lib.ClickMeReader(cfg, 0, 1)))
     assert 999 in batch["label"]
+
+
+def test_an_unknown_order_of_differentiation_is_one_config_error():
+    import ml_collections
+
+    from advalign_jax.errors import ConfigError
+    from advalign_jax.training.config_blocks import objective_block
+    from advalign_jax.training.objectives import harmonizer
+    from advalign_jax.training.objectives import pag as pag_objective
+
+    with pytest.raises(ConfigError, match="objective.differentiation must be 'auto' or one of"):
+        harmonizer.loss(None, {}, {}, {}, None, ml_collections.ConfigDict({"differentiation": "bogus"}))
+    with pytest.raises(ConfigError, match="objective.differentiation must be 'auto' or one of"):
+        pag_objective.pag_config(objective_block("pag", differentiation="bogus"))

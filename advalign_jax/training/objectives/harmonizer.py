@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from advalign_jax.errors import ConfigError
 from advalign_jax.losses import harmonization as H
 from advalign_jax.training.objectives.ce import accuracy, l2_term, smoothed_cross_entropy
 
@@ -41,7 +42,8 @@ def loss(model, params, model_state, batch, rng, cfg):
     order = cfg.get("differentiation", DEFAULT_DIFFERENTIATION)
     order = DEFAULT_DIFFERENTIATION if order == "auto" else order
     if order not in DIFFERENTIATIONS:
-        raise ValueError(f"objective.differentiation must be one of {DIFFERENTIATIONS}, got {order!r}")
+        raise ConfigError(f"objective.differentiation must be 'auto' or one of {', '.join(DIFFERENTIATIONS)}, "
+                          f"got {order!r}")
     levels = int(cfg.pyramid_levels)
 
     def forward(x):

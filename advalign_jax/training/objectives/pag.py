@@ -58,6 +58,9 @@ def pag_config(cfg) -> P.PAGConfig:
 
 
 def _order(name: str) -> str:
+    if name != "auto" and name not in P.DIFFERENTIATIONS:
+        raise ConfigError(f"objective.differentiation must be 'auto' or one of {', '.join(P.DIFFERENTIATIONS)}, "
+                          f"got {name!r}")
     return AUTO_DIFFERENTIATION if name == "auto" else name
 
 
