@@ -9,6 +9,7 @@ import pytest
 
 import reference_harmonization as ref
 from advalign_jax.data.tf_env import import_tf
+from advalign_jax.errors import ConfigError
 from advalign_jax.losses import harmonization as H
 from advalign_jax.models.base import Model
 from advalign_jax.training.objectives import harmonizer
@@ -388,5 +389,5 @@ def test_reverse_over_forward_equals_reverse_over_reverse(rng, case):
         assert _rel(b, a) < 1e-10
     if case == "batchnorm":
         assert jax.tree.leaves(sa)  # the running statistics were updated
-    with pytest.raises(ValueError, match="differentiation"):
+    with pytest.raises(ConfigError, match="differentiation"):
         harmonizer.loss(model, params, state, batch, None, _cfg(differentiation="forward"))
