@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from advalign_jax.cli import main as main_module
 from advalign_jax.cli.main import main
 from advalign_jax.models import get_model, load_model, save_model
 
@@ -267,6 +268,37 @@ def test_a_finished_run_reopens_in_a_read_only_directory(tmpfs):
     assert {p: p.read_bytes() for p in tmpfs.rglob("*") if p.is_file()} == before
     lines = unfinished.stderr.strip().splitlines()
     assert unfinished.returncode == 2 and len(lines) == 1 and "Read-only file system" in lines[0], unfinished.stderr
+
+
+def test_a_truncated_compilation_cache_entry_is_one_line_and_written_again(tmp_path):
+    """JAX writes a compilation-cache entry in place: a run killed during that write leaves it truncated.
+    The next run says so in one line per program, compiles again, writes the entry whole (the next run
+    reads it), and its rows equal the first run's."""
+    cache = tmp_path / "cache"
+    env = dict(ENV, ADVALIGN_JAX_CACHE_DIR=str(cache))
+    args = ["evaluate", "--config", "configs/adversarial_alignment.py:runlocal", "--no-progress",
+            "--config.max_images=8", "--config.data.image_size=32", "--config.num_panels=0"]
+
+    def run(work):
+        proc = subprocess.run(CLI + args + [f"--config.workdir={tmp_path / work}"], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc, sorted((tmp_path / work / "per_image" / "small_cnn_vanilla.csv").read_text().splitlines())
+
+    _, first = run("a")
+    entries = sorted(p for p in cache.iterdir() if p.name.endswith("-cache"))
+    assert entries
+    for p in entries:
+        os.truncate(p, p.stat().st_size // 2)
+    second, rows = run("b")
+    assert rows == first
+    notes = [line for line in second.stderr.splitlines() if "compilation cache" in line]
+    assert len(notes) == len(entries) and "Warning" not in second.stderr, second.stderr[-2000:]
+    programs = sorted(p.name.rsplit("-", 2)[0] for p in entries)
+    assert sorted(line.split("entry for '")[1].split("'")[0] for line in notes) == programs
+    assert all(line.endswith("removed; compiled again") for line in notes)
+    for p in entries:  # every entry is whole again: JAX's own decompression reads it
+        assert p.exists() and main_module.remove_unreadable_cache_entries(str(cache), p.name.rsplit("-", 2)[0]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
+import warnings
 from typing import Optional, Sequence
 
 from advalign_jax import __version__
@@ -56,6 +58,69 @@ def enable_compile_cache() -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _repair_unreadable_cache_entries(path)
+
+
+_UNREADABLE_ENTRY = "Error reading persistent compilation cache entry for '"
+_cache_path: Optional[str] = None
+
+
+def _repair_unreadable_cache_entries(path: str) -> None:
+    """JAX writes a cache entry in place, so a run killed during that write leaves a truncated file; JAX
+    then warns and recompiles on every later run but never replaces the entry. This hook turns that
+    warning into one line and removes the unreadable entries of the named program, so that the same run
+    writes them again whole. Other warnings pass through unchanged."""
+    global _cache_path  # pylint: disable=global-statement
+    first = _cache_path is None
+    _cache_path = path
+    if not first:  # installed once per process; the hook reads the directory in use
+        return
+    previous = warnings.showwarning
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if not text.startswith(_UNREADABLE_ENTRY):
+            previous(message, category, filename, lineno, file, line)
+            return
+        path = _cache_path
+        program = text[len(_UNREADABLE_ENTRY):].split("'", 1)[0]
+        removed = remove_unreadable_cache_entries(path, program)
+        print(f"advalign-jax: warning: the compilation cache in {path} held {removed or 'an'} unreadable "
+              f"entr{'y' if removed <= 1 else 'ies'} for '{program}' (a run killed while writing it?): "
+              f"{'removed; ' if removed else ''}compiled again", file=sys.stderr)
+
+    warnings.showwarning = showwarning
+
+
+def remove_unreadable_cache_entries(path: str, program: str) -> int:
+    """Removes the entries of ``program`` in the cache directory ``path`` that do not decompress (JAX's
+    own ``decompress_executable``; where this JAX lacks it, every entry of that program), returns how
+    many. Entries are named ``{program}-{64 hex digits}-cache``."""
+    try:
+        from jax._src.compilation_cache import decompress_executable  # pylint: disable=import-outside-toplevel
+    except ImportError:  # pragma: no cover - another JAX layout: drop the program's entries
+        decompress_executable = None
+    pattern = re.compile(re.escape(program) + r"-[0-9a-f]{64}-cache")
+    removed = 0
+    try:
+        names = [n for n in os.listdir(path) if pattern.fullmatch(n)]
+    except OSError:
+        return 0
+    for name in names:
+        entry = os.path.join(path, name)
+        try:
+            if decompress_executable is not None:
+                with open(entry, "rb") as f:
+                    decompress_executable(f.read())
+                continue
+        except Exception:  # pylint: disable=broad-except  # unreadable: remove it below
+            pass
+        try:
+            os.remove(entry)
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
