@@ -149,6 +149,23 @@ def test_train_killed_anywhere_resumes_to_the_same_parameters(tmp_path):
     assert (work / "metrics.csv").read_text() == before
 
 
+def test_train_killed_right_after_a_checkpoint_keeps_that_steps_evaluation_row(tmp_path):
+    """Killed just after the checkpoints of step 60 (an evaluation step) and of the last step: the rows of
+    those steps were written before their checkpoint, so the resumed run's metrics.csv equals an
+    uninterrupted run's, evaluation rows included."""
+    args = TRAIN + ["--config.eval_every=60"]
+    assert _run(args + [f"--config.workdir={tmp_path / 'straight'}"]).returncode == 0
+    work = [f"--config.workdir={tmp_path / 'killed'}"]
+    assert _run(args + work, crash_at="checkpoint.saved:3").returncode == -signal.SIGKILL  # step 60
+    assert _run(args + work, crash_at="checkpoint.saved:9").returncode == -signal.SIGKILL  # step 240, the last
+    final = _run(args + work)
+    assert final.returncode == 0 and "already trained" in final.stdout + final.stderr, final.stderr[-2000:]
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
+    a, b = _read(tmp_path / "straight" / "metrics.csv"), _read(tmp_path / "killed" / "metrics.csv")
+    assert sum(bool(r.get("eval_accuracy")) for r in a) == 4  # steps 60, 120, 180 and the last
+    assert drop(a) == drop(b)
+
+
 @pytest.mark.parametrize("seed,kills", [
     (7, ["rows.torn:2", "random", "rows.appended:1", "random", "random"]),
     (8, ["random", "rows.torn:1", "random", "random", "rows.appended:2"]),

@@ -9,9 +9,10 @@ input pipeline, model and optimizer, shapes and shardings, update step, checkpoi
   position of each process's input stream; a rerun resumes from the latest one and ends with the same
   parameters as an uninterrupted run (bitwise on the same device count): the per-step random key is
   ``fold_in(seed, step)``.
-- Metrics go to ``metrics.csv`` and TensorBoard (``tensorboard/``) every ``log_every`` steps; a
-  non-finite loss or parameter gradient stops training with a message naming the step and the last good checkpoint, which
-  is kept.
+- Metrics go to ``metrics.csv`` and TensorBoard (``tensorboard/``) every ``log_every`` steps, evaluation
+  rows every ``eval_every`` steps and at the end; every row of a step is written before that step's
+  checkpoint (a resumed run has each row once). A non-finite loss or parameter gradient stops training
+  with a message naming the step and the last good checkpoint, which is kept.
 - At the end the model is written as a model directory (``workdir/model`` or ``export_to``) that every
   command loads by path.
 """
@@ -426,6 +427,7 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
 
     # ---- loop ---------------------------------------------------------------------------------------
     pending: list = []  # device metrics since the last log
+    final_evaluation: dict = {}
     last_good = latest
     last_values: dict = {}
     last_flush = [time.perf_counter()]
@@ -474,13 +476,17 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
             bar.update(1)
             if step % int(config.log_every) == 0 or step == total_steps or step % int(config.checkpoint_every) == 0:
                 flush(step)  # checks for a non-finite loss before anything is saved
-            if step % int(config.checkpoint_every) == 0 or step == total_steps:
-                _save(manager, workdir, step, state, meta, train_input)
-                last_good = step
-            if config.eval_every and step % int(config.eval_every) == 0 and step < total_steps:
+            # Every row of a step is written before the checkpoint of that step: a run killed after the
+            # checkpoint resumes past the step and would never write a missing row again.
+            if step == total_steps or (config.eval_every and step % int(config.eval_every) == 0):
                 evaluation = _evaluate(config, model, state, mesh)
                 if evaluation:
                     metrics_log.write(step, evaluation)
+                    if step == total_steps:
+                        final_evaluation = evaluation
+            if step % int(config.checkpoint_every) == 0 or step == total_steps:
+                _save(manager, workdir, step, state, meta, train_input)
+                last_good = step
     finally:
         bar.close()  # error lines start on a line of their own
     flush(step)
@@ -488,10 +494,7 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
         if last_good != step:
             _save(manager, workdir, step, state, meta, train_input)
         return last_values
-    evaluation = _evaluate(config, model, state, mesh)
-    if evaluation:
-        metrics_log.write(step, evaluation)
-        last_values.update(evaluation)
+    last_values.update(final_evaluation)
     if writer:
         _export(config, state, export, workdir)
         last_values["export"] = export
