@@ -166,6 +166,30 @@ def test_train_killed_right_after_a_checkpoint_keeps_that_steps_evaluation_row(t
     assert drop(a) == drop(b)
 
 
+@pytest.mark.parametrize("damage", ["largest_file", "every_file"])
+def test_an_unreadable_checkpoint_is_moved_aside_and_an_older_one_resumed(tmp_path, damage):
+    """A checkpoint whose files were damaged after it was written (halved: the largest file, the array
+    data, or every file, the metadata included): one warning line, the checkpoint moved to
+    checkpoints_unreadable/, the run resumed from the older checkpoint to the uninterrupted run's
+    parameters (bitwise) and rows."""
+    args = TRAIN + ["--config.total_steps=60"]
+    assert _run(args + [f"--config.workdir={tmp_path / 'straight'}"]).returncode == 0
+    work = tmp_path / "damaged"
+    assert _run(TRAIN + ["--config.total_steps=40", f"--config.workdir={work}"]).returncode == 0
+    files = sorted((p for p in (work / "checkpoints" / "40").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    for p in files[-1:] if damage == "largest_file" else files:
+        os.truncate(p, p.stat().st_size // 2)
+    rerun = _run(args + [f"--config.workdir={work}"])
+    assert rerun.returncode == 0 and "Traceback" not in rerun.stderr, rerun.stderr[-2000:]
+    warnings = [line for line in (rerun.stdout + rerun.stderr).splitlines() if "cannot be read" in line]
+    assert len(warnings) == 1 and "checkpoint 40" in warnings[0] and "resuming from step 20" in warnings[0], warnings
+    assert [p.name for p in (work / "checkpoints_unreadable").iterdir()][0].startswith("40-")
+    for u, v in zip(_leaves(tmp_path / "straight" / "model"), _leaves(work / "model")):
+        np.testing.assert_array_equal(u, v)  # bitwise
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
+    assert drop(_read(tmp_path / "straight" / "metrics.csv")) == drop(_read(work / "metrics.csv"))
+
+
 @pytest.mark.parametrize("seed,kills", [
     (7, ["rows.torn:2", "random", "rows.appended:1", "random", "random"]),
     (8, ["random", "rows.torn:1", "random", "random", "rows.appended:2"]),

@@ -367,12 +367,10 @@ def _train(config, progress, stop_after, log, workdir, writer, objective, export
         raise store.output_error(os.path.join(workdir, "checkpoints"), os_err) from None
     meta = run_meta(config, model)
     latest = _restorable_step(manager, workdir, log)
+    state = None
     if latest is not None:
-        saved = manager.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        _check_meta(saved, meta, os.path.join(workdir, "checkpoints"))
-        state = manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
-        train_input.restore(_data_state_prefix(workdir, latest))
+        state, latest = _restore_newest_readable(manager, workdir, latest, meta, abstract_state, train_input, log)
+    if state is not None:
         log(f"resumed from step {latest} ({os.path.join(workdir, 'checkpoints')})")
     else:
         state = jax.jit(init_state, out_shardings=replicated)(rng)
@@ -616,6 +614,62 @@ def _prune_data_states(workdir: str, manager) -> None:
                         os.remove(target)
         with contextlib.suppress(OSError):
             os.rmdir(os.path.join(root, name))  # empty once every process removed its own
+
+
+# Errors of this program or of the user, not of a checkpoint's files: never taken for a damaged checkpoint.
+_NOT_DAMAGE = (AdvalignError, NameError, AttributeError, ImportError, AssertionError, MemoryError)
+
+
+def _restore_newest_readable(manager, workdir: str, first: int, meta: dict, abstract_state, train_input, log):
+    """Restores checkpoint ``first`` (its run metadata checked against ``meta``, its state, this
+    process's input-stream position) and returns ``(state, step)``. Where a checkpoint's files cannot be
+    read (a damaged disk, a truncated file), it is moved to ``checkpoints_unreadable/`` with a one-line
+    warning and the newest older complete checkpoint is tried; ``(None, None)`` when none is left (the
+    run starts afresh). A config that does not match a checkpoint is never skipped. In a run of several
+    processes an unreadable checkpoint stops the run in one line instead (the processes must agree)."""
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    folder = os.path.join(workdir, "checkpoints")
+    candidates = [s for s in sorted(manager.all_steps(), reverse=True)
+                  if s <= first and _data_state_prefix(workdir, s) is not None]
+    for i, step in enumerate(candidates):
+        try:
+            saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # pylint: disable=broad-except
+            failure = err
+        else:
+            _check_meta(saved, meta, folder)
+            try:
+                state = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state)))["state"]
+                train_input.restore(_data_state_prefix(workdir, step))
+                return state, step
+            except _NOT_DAMAGE:
+                raise
+            except Exception as err:  # pylint: disable=broad-except
+                failure = err
+        if isinstance(failure, _NOT_DAMAGE):
+            raise failure
+        reason = f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]}"
+        if jax.process_count() > 1:
+            raise AdvalignError(f"checkpoint {step} in {folder} cannot be read ({reason}); move it out of {folder} "
+                                "and rerun to resume from an older one")
+        aside = os.path.join(workdir, "checkpoints_unreadable", f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            store.make_dirs(aside)
+            os.replace(os.path.join(folder, str(step)), os.path.join(aside, "checkpoint"))
+            data_state = os.path.dirname(_data_state_dir(workdir, step))
+            if os.path.isdir(data_state):
+                os.replace(data_state, os.path.join(aside, "data_state"))
+        except OSError as err:
+            raise AdvalignError(f"checkpoint {step} in {folder} cannot be read ({reason}) nor moved aside "
+                                f"({err.strerror}); move it out of {folder} and rerun") from None
+        if getattr(manager, "reload", None) is not None:
+            manager.reload()
+        older = candidates[i + 1] if i + 1 < len(candidates) else None
+        log(f"warning: checkpoint {step} in {folder} cannot be read ({reason}); moved to {aside}; "
+            + (f"resuming from step {older}" if older is not None else "starting afresh"))
+    return None, None
 
 
 def _restorable_step(manager, workdir: str, log) -> Optional[int]:
