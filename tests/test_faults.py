@@ -44,8 +44,8 @@ EVALUATE = ["evaluate", "--config", "configs/adversarial_alignment.py:runlocal",
 NUM_ROWS = 40  # 10 batches of 4
 
 
-def _run(args, crash_at=None, timeout=300):
-    env = dict(ENV)
+def _run(args, crash_at=None, timeout=300, env=None):
+    env = dict(ENV, **(env or {}))
     if crash_at:
         env["ADVALIGN_JAX_CRASH_AT"] = crash_at
     return subprocess.run(CLI + args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -118,6 +118,11 @@ def _read(path):
         return list(csv.DictReader(f))
 
 
+def _without(rows, key):
+    """``rows`` without the column ``key`` (a wall time, which differs between runs)."""
+    return [{k: v for k, v in r.items() if k != key} for r in rows]
+
+
 def _leaves(path):
     return jax.tree.leaves(load_model(str(path))[1])
 
@@ -160,10 +165,9 @@ def test_train_killed_right_after_a_checkpoint_keeps_that_steps_evaluation_row(t
     assert _run(args + work, crash_at="checkpoint.saved:9").returncode == -signal.SIGKILL  # step 240, the last
     final = _run(args + work)
     assert final.returncode == 0 and "already trained" in final.stdout + final.stderr, final.stderr[-2000:]
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
     a, b = _read(tmp_path / "straight" / "metrics.csv"), _read(tmp_path / "killed" / "metrics.csv")
     assert sum(bool(r.get("eval_accuracy")) for r in a) == 4  # steps 60, 120, 180 and the last
-    assert drop(a) == drop(b)
+    assert _without(a, "step_time_s") == _without(b, "step_time_s")
 
 
 @pytest.mark.parametrize("damage", ["largest_file", "every_file"])
@@ -186,8 +190,8 @@ def test_an_unreadable_checkpoint_is_moved_aside_and_an_older_one_resumed(tmp_pa
     assert [p.name for p in (work / "checkpoints_unreadable").iterdir()][0].startswith("40-")
     for u, v in zip(_leaves(tmp_path / "straight" / "model"), _leaves(work / "model")):
         np.testing.assert_array_equal(u, v)  # bitwise
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "step_time_s"} for r in rows]  # noqa: E731
-    assert drop(_read(tmp_path / "straight" / "metrics.csv")) == drop(_read(work / "metrics.csv"))
+    assert (_without(_read(tmp_path / "straight" / "metrics.csv"), "step_time_s")
+            == _without(_read(work / "metrics.csv"), "step_time_s"))
 
 
 @pytest.mark.parametrize("seed,kills", [
@@ -209,8 +213,7 @@ def test_evaluate_killed_anywhere_resumes_to_the_same_rows(tmp_path, seed, kills
     b = (work / "per_image" / f"{name}.csv").read_text().splitlines()
     assert a[0] == b[0] and sorted(a[1:]) == sorted(b[1:]) and len(b) == NUM_ROWS + 1  # same rows, none twice
     sa, sb = _read(tmp_path / "straight" / "summary.csv"), _read(work / "summary.csv")
-    drop = lambda rows: [{k: v for k, v in r.items() if k != "wall_time_s"} for r in rows]  # noqa: E731
-    assert drop(sa) == drop(sb)
+    assert _without(sa, "wall_time_s") == _without(sb, "wall_time_s")
     za = np.load(tmp_path / "straight" / "panels" / f"{name}.npz")
     zb = np.load(work / "panels" / f"{name}.npz")
     assert str(za["meta"]) == str(zb["meta"])  # the same panel images, chosen by record index
@@ -316,13 +319,11 @@ def test_a_truncated_compilation_cache_entry_is_one_line_and_written_again(tmp_p
     The next run says so in one line per program, compiles again, writes the entry whole (the next run
     reads it), and its rows equal the first run's."""
     cache = tmp_path / "cache"
-    env = dict(ENV, ADVALIGN_JAX_CACHE_DIR=str(cache))
     args = ["evaluate", "--config", "configs/adversarial_alignment.py:runlocal", "--no-progress",
             "--config.max_images=8", "--config.data.image_size=32", "--config.num_panels=0"]
 
     def run(work):
-        proc = subprocess.run(CLI + args + [f"--config.workdir={tmp_path / work}"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = _run(args + [f"--config.workdir={tmp_path / work}"], env={"ADVALIGN_JAX_CACHE_DIR": str(cache)})
         assert proc.returncode == 0, proc.stderr[-2000:]
         return proc, sorted((tmp_path / work / "per_image" / "small_cnn_vanilla.csv").read_text().splitlines())
 

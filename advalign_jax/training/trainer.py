@@ -635,21 +635,15 @@ def _restore_newest_readable(manager, workdir: str, first: int, meta: dict, abst
     for i, step in enumerate(candidates):
         try:
             saved = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as err:  # pylint: disable=broad-except
+            _check_meta(saved, meta, folder)  # a ConfigError: never skipped
+            state = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state)))["state"]
+            train_input.restore(_data_state_prefix(workdir, step))
+            return state, step
+        except _NOT_DAMAGE:
+            raise
+        except Exception as err:  # pylint: disable=broad-except  # the checkpoint's files cannot be read
             failure = err
-        else:
-            _check_meta(saved, meta, folder)
-            try:
-                state = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))["state"]
-                train_input.restore(_data_state_prefix(workdir, step))
-                return state, step
-            except _NOT_DAMAGE:
-                raise
-            except Exception as err:  # pylint: disable=broad-except
-                failure = err
-        if isinstance(failure, _NOT_DAMAGE):
-            raise failure
         reason = f"{type(failure).__name__}: {(str(failure).strip().splitlines() or [''])[0][:200]}"
         if jax.process_count() > 1:
             raise AdvalignError(f"checkpoint {step} in {folder} cannot be read ({reason}); move it out of {folder} "
