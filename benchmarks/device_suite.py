@@ -18,7 +18,7 @@ timing rule of ``benchmarks/timing.py``, ``jax.block_until_ready`` on every resu
   differentiation: images/s, XLA's temporary memory of the compiled step and the device's peak
   memory so far (``jax.devices()[0].memory_stats()``, where the backend reports it).
 - ``PAG step`` of PAG's CIFAR ResNet-18 (32 px) at K = 1 and K = 10 target classes, both orders, and
-  the plain CE step; beside it the official PyTorch formulation (``tests/torch_pag_reference.py``)
+  the plain CE step; beside it the official PyTorch formulation (``tests/references/torch_pag_reference.py``)
   when PyTorch sees the same kind of device (skipped otherwise, or with ``--no-torch``).
 - ``APGD-CE`` (L-inf, 8/255, 100 iterations) and ``Square`` (L-inf, 8/255, 1,000 queries) on the CIFAR
   ResNet-18: images/s.
@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "references"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from timing import best_time  # noqa: E402  (benchmarks/timing.py)

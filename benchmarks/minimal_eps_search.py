@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "references"))
 
 from advalign_jax.attacks.search import (REFERENCE_ATTACK, ReferenceSearch,  # noqa: E402
                                          forward_equivalents_per_image, reference_search)
@@ -69,7 +69,7 @@ def torch_copy(name, model, variables):
     if name == "small_cnn":
         return _torch_small_cnn(model, variables)
     if name == "resnet18":
-        import torch_resnet  # tests/torch_resnet.py  pylint: disable=import-outside-toplevel
+        import torch_resnet  # tests/references/torch_resnet.py  pylint: disable=import-outside-toplevel
 
         net = torch_resnet.resnet("resnet18", num_classes=model.num_classes)
         from advalign_jax.models.convert import import_weights  # pylint: disable=import-outside-toplevel

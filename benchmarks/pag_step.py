@@ -4,7 +4,7 @@ official replicated-batch PyTorch formulation, peak memory as K grows, and where
     python benchmarks/pag_step.py [--batch 16] [--k 10] [--repeats 3] [--no-torch] [--profile]
 
 On the CIFAR ResNet-18 of PAG (32x32, 10 classes), with the same random weights in both frameworks
-(tests/torch_cifar.py's PyTorch module, imported through our torch importer), the same batch and
+(tests/references/torch_cifar.py's PyTorch module, imported through our torch importer), the same batch and
 target gradients, on the same machine in one run:
 
 - ``plain step``: the parameter gradient of cross-entropy (training-mode BatchNorm);
@@ -17,7 +17,7 @@ target gradients, on the same machine in one run:
   ``reverse_over_forward`` (the gradient of K forward-mode directional derivatives along the loss's
   cotangent), timed in turn round after round (their ratio: the median of the per-round ratios);
   the largest difference of their parameter gradients is printed;
-- the reference: ``tests/torch_pag_reference.official_pag_loss`` (the official code's step: a Python
+- the reference: ``tests/references/torch_pag_reference.official_pag_loss`` (the official code's step: a Python
   loop building the N*K replicated batch, ``autograd.grad(create_graph=True)``, backward), and a plain
   PyTorch CE step.
 
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "references"))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from timing import best_time, interleaved_times, ratio_summary  # noqa: E402  (benchmarks/timing.py)
@@ -52,7 +52,7 @@ NUM_CLASSES = 10
 
 def torch_net_and_ours(seed=0, device="cpu"):
     """The PyTorch CIFAR ResNet-18 (random weights) and ours with the same weights; None for the
-    PyTorch side when torch (or tests/torch_cifar.py) is unavailable."""
+    PyTorch side when torch (or tests/references/torch_cifar.py) is unavailable."""
     try:
         import torch  # pylint: disable=import-outside-toplevel
 

@@ -22,7 +22,7 @@ import tempfile
 import time
 
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "references"))
 
 from advalign_jax.data import preprocess, records, synthetic, writer  # noqa: E402
 from advalign_jax.data import reader as reader_lib  # noqa: E402

@@ -1,9 +1,13 @@
 """Test set-up: 8 simulated CPU devices (before JAX starts), small synthetic shards as fixtures."""
 
 import os
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The independent implementations the tests compare against, importable by module name from every folder.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "references"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -1,4 +1,4 @@
-"""APGD: against an independent PyTorch implementation (tests/reference_apgd.py) and, when torchattacks
+"""APGD: against an independent PyTorch implementation (tests/references/reference_apgd.py) and, when torchattacks
 is installed, the authors' code as it ports it; the checkpoint schedule and the halving rule by hand,
 the DLR losses by their formulas, and APGD at least as strong as PGD on a trained model."""
 

@@ -1,4 +1,4 @@
-"""PAG's CIFAR models (cifar_resnet18, cifar_vit) against plain PyTorch references (tests/torch_cifar.py).
+"""PAG's CIFAR models (cifar_resnet18, cifar_vit) against plain PyTorch references (tests/references/torch_cifar.py).
 
 Each reference is randomised (BatchNorm statistics, norm affines, biases), saved as .pth and .safetensors
 with the official parameter names, converted through the command line, reloaded, and compared on the

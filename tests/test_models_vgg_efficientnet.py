@@ -6,8 +6,8 @@
   activation per stage, the input-gradient of the true-class logit. EfficientNet also: a model that
   keras.applications builds with ``weights="imagenet"`` (its extra Rescaling; the weights file served
   locally), and a file with the efficientnet package's names (the harmonized release's format).
-- PyTorch: plain torch.nn references with torchvision / timm names (tests/torch_vgg.py,
-  tests/torch_efficientnet.py; their names and shapes equal timm 1.0's), saved as .safetensors and .pth.
+- PyTorch: plain torch.nn references with torchvision / timm names (tests/references/torch_vgg.py,
+  tests/references/torch_efficientnet.py; their names and shapes equal timm 1.0's), saved as .safetensors and .pth.
 - A converted checkpoint reloads bit-identically; a VGG state dict converted as EfficientNet fails with
   one line listing the mismatches.
 

@@ -1,17 +1,17 @@
-"""ViT-B/16, S/16, Ti/16 and ConvNeXt-Tiny against their originals (float32, tests/model_checks.py criteria).
+"""ViT-B/16, S/16, Ti/16 and ConvNeXt-Tiny against their originals (float32, tests/references/model_checks.py criteria).
 
-- ViT, timm names: a plain torch.nn ViT with timm's parameter names (tests/torch_vit.py), ViT-Ti/16 at
+- ViT, timm names: a plain torch.nn ViT with timm's parameter names (tests/references/torch_vit.py), ViT-Ti/16 at
   64 px (16 patches; the position-embedding grid is read off the checkpoint), converted through the CLI;
   logits, the embedding and three block outputs, the input-gradient. S/16 and B/16 state dicts with the
   real names and shapes import; the ``global_pool='avg'`` variant matches.
 - ViT, vit_keras layout (the harmonized ViT-B/16 format): a Keras 3 ViT with vit_keras's architecture
-  (tests/keras_vit.py), its weights written as tf.keras 2 writes a vit_keras model (``/`` in layer
+  (tests/references/keras_vit.py), its weights written as tf.keras 2 writes a vit_keras model (``/`` in layer
   names, which Keras 3 cannot save); and, where the vit_keras package is installed, vit_keras itself
   saved by Keras 3.
 - ConvNeXt-Tiny: ``keras.applications.ConvNeXtTiny`` (random weights, layer scales included, its
   built-in preprocessing in front) saved as .h5; the same weights in kecam's layout (the harmonized
   ConvNeXt-Tiny format); where keras-cv-attention-models is installed, its own ConvNeXtTiny; and a
-  plain torch.nn ConvNeXt with timm's names (tests/torch_convnext.py). ConvNeXt is size-agnostic, so
+  plain torch.nn ConvNeXt with timm's names (tests/references/torch_convnext.py). ConvNeXt is size-agnostic, so
   the checks use 64 px.
 - A converted checkpoint saved and reloaded gives identical outputs; a ViT-Ti/16 state dict converted
   as vit_b16 exits 2 with one line listing the mis-shaped tensors.

@@ -1,5 +1,5 @@
 """The PAG loss (advalign_jax.losses.pag) against an independent PyTorch version of the official loss
-(tests/torch_pag_reference.py): value and parameter gradient (double backprop), with and without
+(tests/references/torch_pag_reference.py): value and parameter gradient (double backprop), with and without
 BatchNorm, K-subsets, augmentation, reductions, eps on zero vectors, and the one-forward-pass property."""
 
 import dataclasses
@@ -22,7 +22,7 @@ ACTS = {"tanh": jnp.tanh, "relu": jax.nn.relu, "sin": jnp.sin}
 
 
 class JaxTinyCNN(nn.Module):
-    """The same function as tests/torch_pag_reference.TinyCNN, NHWC."""
+    """The same function as tests/references/torch_pag_reference.TinyCNN, NHWC."""
 
     num_classes: int = C
     use_bn: bool = False

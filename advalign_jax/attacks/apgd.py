@@ -55,7 +55,7 @@ model already misclassifies are not attacked (returned unchanged, success True).
 may also be given explicitly (``targets=``).
 
 Checked (``tests/test_apgd.py``) against an independent per-example PyTorch implementation written
-from the paper (``tests/reference_apgd.py``: every iterate, step size and checkpoint decision, float64,
+from the paper (``tests/references/reference_apgd.py``: every iterate, step size and checkpoint decision, float64,
 to 1e-9) and, where ``torchattacks`` 3.5.1 is installed, against the authors' code as it ports it
 (Linf CE, DLR and targeted DLR over 100 iterations: the best point, the returned point and f_max agree
 to about 1e-14 in float64).

@@ -1,7 +1,7 @@
 """Perceptually aligned gradients (PAG) training loss (Ganz, Kawar, Elad, ICML 2023), as pure functions.
 
 Semantics: ``../shared/spec/pag.md``. Reference: the official ``royg27/PAG-ROB`` code,
-``TRAIN_CIFAR10.py`` (PyTorch 1.13); ``tests/torch_pag_reference.py`` re-implements that loss and
+``TRAIN_CIFAR10.py`` (PyTorch 1.13); ``tests/references/torch_pag_reference.py`` re-implements that loss and
 ``tests/test_pag_loss.py`` compares it with this module (value and parameter gradient).
 
 For images x (N, ...), labels y, target classes c_{n,k} (N, K) and target gradients g(x_n, c) ::
