@@ -1,7 +1,8 @@
 """Devices, meshes and placement: one code path for one CPU, one GPU, or a multi-host TPU pod.
 
 - :func:`initialize_distributed` starts multi-host JAX (``jax.distributed.initialize()``) when asked;
-  it must run before any other JAX call in the process.
+  it must run before any other JAX call in the process; :func:`job_mesh` is every job's preamble (the
+  start-up, then the mesh over ``config.num_devices``).
 - :func:`make_mesh` builds a 2-D mesh ``('data', 'model')`` over all devices (the model axis is 1
   unless asked for), so data parallelism shards the batch over every device of every host.
 - :func:`shard_batch` turns each process's host batch (NumPy) into global ``jax.Array``s split along
@@ -18,7 +19,10 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from advalign_jax.errors import AdvalignError
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
@@ -40,8 +44,6 @@ def initialize_distributed(enabled: bool, coordinator_address: Optional[str] = N
     global _DISTRIBUTED
     if not enabled or _DISTRIBUTED:
         return
-    from advalign_jax.errors import AdvalignError  # pylint: disable=import-outside-toplevel
-
     env = os.environ
     coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS") or None
     try:
@@ -88,6 +90,13 @@ def make_mesh(model_axis_size: int = 1, devices: Optional[list] = None) -> Mesh:
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
+def job_mesh(config) -> Mesh:
+    """What every job does first: the multi-process start-up when ``config.distributed`` (it must come
+    before any other JAX call), then the mesh over the first ``config.num_devices`` devices (0: all)."""
+    initialize_distributed(bool(config.distributed))
+    return make_mesh(devices=jax.devices()[:config.num_devices] if config.num_devices else None)
+
+
 def data_sharding(mesh: Mesh) -> NamedSharding:
     """Leading axis split over the data axis, the rest replicated."""
     return NamedSharding(mesh, P(DATA_AXIS))
@@ -130,8 +139,6 @@ def to_host(tree: Any) -> Any:
     """Global arrays -> NumPy on every process (gathers across hosts when needed)."""
     if jax.process_count() == 1:
         return jax.tree.map(np.asarray, tree)
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -140,8 +147,6 @@ def all_processes(flag: bool) -> bool:
     takes the same branch and none waits on a collective the others skip)."""
     if jax.process_count() == 1:
         return bool(flag)
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
     flags = multihost_utils.process_allgather(np.asarray([bool(flag)]))
     return bool(np.all(flags))
 
@@ -150,8 +155,6 @@ def from_process_0(value: np.ndarray) -> np.ndarray:
     """Process 0's ``value`` on every process (a NumPy array of the same shape and dtype everywhere)."""
     if jax.process_count() == 1:
         return np.asarray(value)
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
     return np.asarray(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
@@ -169,6 +172,4 @@ def replicated_to_host(tree: Any) -> Any:
 def sync(name: str) -> None:
     """Waits until every process reaches this point (a no-op with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-        multihost_utils.sync_global_devices(name)
+            multihost_utils.sync_global_devices(name)

@@ -1,25 +1,21 @@
-"""The crash-safe results store every long job writes through.
+"""The crash-safe results store every long job writes through: whole files, whole rows, one owner.
 
 What a crash (``kill -9``, a full disk, a power cut of the process) can leave, and what is kept:
 
-- **One owner per workdir** (:class:`WorkdirLock`): an exclusive ``flock`` on ``WORKDIR/.lock``, held
-  for the run and released by the operating system when the process ends, however it ends. A second
-  run on the same workdir stops with one line naming the holder's PID.
+- **Whole files** (:func:`atomic_write`): summaries, JSON records and figures are written to a
+  temporary file of this process, synced, and renamed over the old one: a reader sees the old file or
+  the new, never half of one. :func:`write_text_if_changed` writes only when the text differs, so a
+  finished run reopened in a read-only directory writes nothing.
 - **Whole rows** (:class:`RowFile`): result rows are appended as whole lines in one write, flushed and
   synced, batch by batch. A line without its newline (a write cut short), a row with the wrong number
   of fields or a value that does not parse is dropped when the file is reopened (the file is cut back
   to its last whole line) and recomputed by the resumed run. A row is never written twice.
-- **Whole files** (:func:`atomic_write`): summaries, JSON records and figures are written to a
-  temporary file of this process, synced, and renamed over the old one: a reader sees the old file or
-  the new, never half of one.
-- **What made the results** (:class:`RunRecord`): ``config.json`` records the values of the keys that
-  decide the results; it is written with the first result, so a run that failed before producing any
-  (a pattern that matched nothing) does not hold its workdir. A rerun whose keys differ is refused
-  with a line naming them. ``models.json`` records each result name's checkpoint path and
-  :func:`fingerprint` (architecture, options, a hash of every variable): results of another checkpoint
-  under the same name are refused with a line naming both paths.
-- **Output problems** (an output path that is a file, a read-only or full disk) become one line
-  (:class:`OutputError`) that names the path and what to do; what was written before is kept.
+- **One owner per workdir** (:class:`WorkdirLock`): an exclusive ``flock`` on ``WORKDIR/.lock``, held
+  for the run and released by the operating system when the process ends, however it ends. A second
+  run on the same workdir stops with one line naming the holder's PID.
+
+What made the results (the config and the checkpoint behind them) is :mod:`advalign_jax.run_record`;
+output problems become one line through :mod:`advalign_jax.errors`.
 """
 
 from __future__ import annotations
@@ -27,126 +23,17 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
-import hashlib
+import fcntl
 import io
 import json
 import math
 import os
 import socket
-import sys
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from advalign_jax import faults
-from advalign_jax.errors import AdvalignError
-
-
-class OutputError(AdvalignError):
-    """A result could not be written (not a directory, read-only, disk full)."""
-
-
-class WorkdirBusy(AdvalignError):
-    """Another process holds the workdir."""
-
-
-_ADVICE = {
-    errno.ENOSPC: "the disk is full; free space and rerun the same command to complete the missing results",
-    errno.EDQUOT: "the disk quota is exceeded; free space and rerun the same command",
-    errno.EROFS: "the file system is read-only; use another --config.workdir / --out",
-    errno.EACCES: "permission denied; use another --config.workdir / --out",
-    errno.EPERM: "permission denied; use another --config.workdir / --out",
-    errno.ENOTDIR: "a file stands where a directory is needed; use another --config.workdir / --out",
-    errno.EEXIST: "a file stands where a directory is needed; use another --config.workdir / --out",
-    errno.EISDIR: "a directory stands where a file is needed; use another path",
-}
-
-
-def os_error_in(err: BaseException) -> "OSError | None":
-    """The operating-system error behind an exception: an OSError in its cause chain, or the errno that
-    libraries which re-raise file errors as other types name in their message (orbax/TensorStore write
-    ``[os_error_code='28']``; TensorFlow names the error's text)."""
-    import re  # pylint: disable=import-outside-toplevel
-
-    seen = 0
-    cur = err
-    while cur is not None and seen < 10:
-        if isinstance(cur, OSError) and cur.errno:
-            return cur
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
-    text = str(err)
-    match = re.search(r"os_error_code='(\d+)'", text)
-    if match:
-        return OSError(int(match.group(1)), os.strerror(int(match.group(1))))
-    for code in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-        if os.strerror(code) in text:
-            return OSError(code, os.strerror(code))
-    return None
-
-
-def output_error(path: str, err: OSError) -> OutputError:
-    """One line for an OSError met while writing ``path``."""
-    advice = _ADVICE.get(err.errno, "check the path and rerun")
-    reason = os.strerror(err.errno) if err.errno else str(err)
-    return OutputError(f"cannot write {path}: {reason}; {advice}")
-
-
-@contextlib.contextmanager
-def writing(path: str):
-    """Turns an OSError raised inside the block into an :class:`OutputError` naming ``path``."""
-    try:
-        yield
-    except OutputError:
-        raise
-    except OSError as err:
-        raise output_error(getattr(err, "filename", None) or path, err) from None
-    except Exception as err:  # TensorFlow's file errors (tf.errors.OpError) carry their own message
-        if type(err).__module__.startswith("tensorflow") and hasattr(err, "message"):
-            raise OutputError(f"cannot write {path}: {str(err.message).splitlines()[0]}; check free space and "
-                              "the path, then rerun") from None
-        raise
-
-
-@contextlib.contextmanager
-def quiet_library_errors(on_failure: Optional[Callable[[], None]] = None):
-    """Silences what libraries' worker threads log or print while a write fails (orbax logs each failed
-    thread through absl and asyncio, and TensorStore's callbacks print to the process's stderr): the
-    caller reports the failure in one line. ``on_failure`` runs (silenced too) before the error goes
-    on, e.g. to join those threads. Everything is restored when the block ends."""
-    import logging  # pylint: disable=import-outside-toplevel
-    import threading  # pylint: disable=import-outside-toplevel
-
-    loggers = [logging.getLogger(n) for n in ("absl", "asyncio", "concurrent.futures")]
-    levels = [lg.level for lg in loggers]
-    hook = threading.excepthook
-    for lg in loggers:
-        lg.setLevel(logging.CRITICAL + 1)
-    threading.excepthook = lambda args: None
-    saved_fd = None
-    try:
-        sys.stderr.flush()
-        saved_fd = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.close(null)
-    except (OSError, ValueError, AttributeError):  # no real stderr descriptor: logging is silenced anyway
-        saved_fd = None
-    try:
-        yield
-    except BaseException:
-        if on_failure is not None:
-            with contextlib.suppress(Exception):
-                on_failure()
-        raise
-    finally:
-        if saved_fd is not None:
-            os.dup2(saved_fd, 2)
-            os.close(saved_fd)
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        threading.excepthook = hook
-
+from advalign_jax.errors import AdvalignError, OutputError, WorkdirBusy, output_error, writing
 
 def make_dirs(path: str) -> None:
     """``os.makedirs(path, exist_ok=True)`` with one-line errors (a file in the way, read-only, full)."""
@@ -198,6 +85,17 @@ def read_json(path: str, default=None):
         raise AdvalignError(f"{path} is damaged ({err}); remove it or use another --config.workdir") from None
 
 
+def write_text_if_changed(path: str, text: str) -> bool:
+    """Replaces ``path`` atomically with ``text`` unless it already holds exactly that text (so a
+    finished run reopened in a read-only directory writes nothing); returns whether it wrote."""
+    if os.path.exists(path):
+        with open(path, newline="") as f:
+            if f.read() == text:
+                return False
+    atomic_write_text(path, text)
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------
 # CSV text
 # ----------------------------------------------------------------------------------------------------
@@ -243,8 +141,6 @@ class WorkdirLock:
     """
 
     def __init__(self, workdir: str, what: str = "--config.workdir"):
-        import fcntl  # pylint: disable=import-outside-toplevel
-
         make_dirs(workdir)
         self.path = os.path.join(workdir, ".lock")
         self._fd = None
@@ -350,14 +246,7 @@ class RowFile:
             with open(self.path, "ab") as f:
                 start = f.tell()
                 try:
-                    data = text.encode()
-                    if faults.reached("rows.torn"):  # a write cut short, for the crash tests
-                        f.write(data[:len(data) // 2 + 1])
-                        f.flush()
-                        faults.die()
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    self.write_synced(f, text.encode())
                 except OSError:
                     with contextlib.suppress(OSError):
                         f.truncate(start)
@@ -366,7 +255,19 @@ class RowFile:
             raise output_error(self.path, err) from None
         for f in formatted:
             self.rows[f[self.key]] = f
-        faults.crash_point("rows.appended")
+        for hook in self.after_append:
+            hook()
+
+    @staticmethod
+    def write_synced(f, data: bytes) -> None:
+        """The one write of a batch of rows: all of ``data``, flushed and synced."""
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+    # Called after each whole batch of rows is on disk (the crash tests' ROWS_APPENDED point,
+    # :func:`advalign_jax.faults.install`).
+    after_append: list = []
 
 
 def _ok(validate, row) -> bool:
@@ -391,98 +292,3 @@ def numeric_row(columns: Sequence[str], text_columns: Sequence[str] = ()) -> Cal
 
     return check
 
-
-# ----------------------------------------------------------------------------------------------------
-# What made the results
-# ----------------------------------------------------------------------------------------------------
-
-
-def _plain(value):
-    return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
-
-
-def first_difference(a, b, key: str) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            if a.get(k) != b.get(k):
-                return first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
-    return f"{key}: {a!r} there, {b!r} now"
-
-
-def differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """Every leaf key (dotted) whose value differs between two nested dicts."""
-    out = []
-    for k in sorted(set(saved) | set(current)):
-        a, b = saved.get(k), current.get(k)
-        name = f"{prefix}{k}"
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += differences(a, b, name + ".")
-        elif a != b:
-            out.append(name)
-    return out
-
-
-class RunRecord:
-    """``WORKDIR/config.json`` (the result-deciding config values) and ``WORKDIR/models.json`` (the
-    checkpoint behind each result name)."""
-
-    def __init__(self, workdir: str, config, keys: Sequence[str]):
-        self.workdir = workdir
-        self.path = os.path.join(workdir, "config.json")
-        self.models_path = os.path.join(workdir, "models.json")
-        self.current = {k: _plain(config[k]) for k in keys}
-        self.keys = tuple(keys)
-        self._written = False
-
-    def check(self, has_results: bool) -> None:
-        """Refuses a workdir whose results were made with other values of the keys. A record without
-        results (a run that failed before its first result) is replaced."""
-        saved = read_json(self.path)
-        if saved is None or not has_results:
-            return
-        for key in self.keys:
-            if saved.get(key) != self.current[key]:
-                raise AdvalignError(f"{self.workdir} holds results of a different configuration "
-                                    f"({first_difference(saved.get(key), self.current[key], key)}); "
-                                    "use another --config.workdir or remove that folder")
-        self._written = True
-
-    def commit(self) -> None:
-        """Writes config.json (once, with the first result)."""
-        if not self._written:
-            atomic_write_json(self.path, self.current)
-            self._written = True
-
-    def check_models(self, entries: dict, has_results: Callable[[str], bool],
-                     advice: str = "give it another directory name or use another --config.workdir") -> None:
-        """``entries``: {result name: {'path': ..., 'fingerprint': ...}}. A name whose stored results
-        came from another checkpoint is refused (the line ends with ``advice``)."""
-        saved = read_json(self.models_path, {})
-        for name, entry in entries.items():
-            old = saved.get(name)
-            if old and old.get("fingerprint") != entry["fingerprint"] and has_results(name):
-                raise AdvalignError(
-                    f"{self.workdir} holds results named {name!r} of the checkpoint {old.get('path')} "
-                    f"(fingerprint {old.get('fingerprint', '?')[:12]}), but {entry['path']} (fingerprint "
-                    f"{entry['fingerprint'][:12]}) is another model; {advice}")
-
-    def commit_model(self, name: str, entry: dict) -> None:
-        saved = read_json(self.models_path, {})
-        if saved.get(name) != entry:
-            saved[name] = entry
-            atomic_write_json(self.models_path, saved)
-
-
-def fingerprint(arch: str, options: dict, variables) -> str:
-    """sha256 of the architecture, its options and every variable (path, dtype, shape, bytes): two
-    checkpoints share a fingerprint only if they compute the same function."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    h = hashlib.sha256()
-    h.update(json.dumps({"arch": arch, "options": _plain(options)}, sort_keys=True, default=str).encode())
-    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()

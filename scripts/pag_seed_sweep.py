@@ -14,7 +14,7 @@ OUT/summary.csv and OUT/distribution.csv. 16 seeds of both models take about 15 
 
 import sys
 
-from advalign_jax.training.seed_sweep import main
+from advalign_jax.training.seed_sweep_cmd import main
 
 if __name__ == "__main__":
     sys.exit(main())

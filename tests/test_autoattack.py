@@ -16,7 +16,7 @@ from advalign_jax.attacks import fab as F
 from advalign_jax.attacks import square as S
 from advalign_jax.attacks.apgd import APGDConfig, apgd, apgd_run, random_start
 from advalign_jax.attacks.fab import FABConfig
-from advalign_jax.evaluation import robustness as R
+from advalign_jax.evaluation import robust as R
 
 
 def test_versions_follow_the_authors_settings():

@@ -7,7 +7,11 @@ import json
 import os
 import sys
 
+from tqdm import tqdm
+
 from advalign_jax import store
+from advalign_jax.config import load_config
+from advalign_jax.data import inspect, records, synthetic, writer
 from advalign_jax.errors import AdvalignError, ConfigError
 
 DEFAULT_SYNTH_CONFIG = "configs/synthetic_clickme.py:train"
@@ -51,11 +55,6 @@ def add_parser(sub) -> None:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
-    from advalign_jax.data import records, synthetic, writer  # pylint: disable=import-outside-toplevel
-
     config = load_config(args.config, args.config_overrides)
     if config.encoding not in records.ENCODINGS:
         raise ConfigError(f"encoding must be one of {', '.join(records.ENCODINGS)}, got {config.encoding!r}")
@@ -85,8 +84,6 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from advalign_jax.data import inspect  # pylint: disable=import-outside-toplevel
-
     if args.grid_size < 1:
         raise AdvalignError(f"--grid-size must be at least 1, got {args.grid_size}")
     report = inspect.inspect(args.files, args.out, num_classes=args.num_classes, encoding=args.encoding,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from advalign_jax.cli.common import job_config, lead
+from advalign_jax.evaluation import adversarial_alignment as aa
+from advalign_jax.evaluation import human_alignment as ha
+
 DEFAULT_CONFIG = "configs/adversarial_alignment.py"
 HUMAN_CONFIG = "configs/human_alignment.py"
 
@@ -38,9 +42,6 @@ def add_parser(sub) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
-    from advalign_jax.evaluation import adversarial_alignment as aa  # pylint: disable=import-outside-toplevel
-
     config = job_config(args)
     summary = aa.evaluate(config, progress=not args.no_progress)
     if not lead():
@@ -52,9 +53,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate_clickme(args: argparse.Namespace) -> int:
-    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
-    from advalign_jax.evaluation import human_alignment as ha  # pylint: disable=import-outside-toplevel
-
     config = job_config(args)
     summary = ha.evaluate(config, progress=not args.no_progress)
     if not lead():

@@ -8,20 +8,26 @@ with status 2; an interruption exits with status 130 after the job has saved wha
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
 import warnings
 from typing import Optional, Sequence
 
-from advalign_jax import __version__
+import jax
+
+from advalign_jax import __version__, faults, parallel
+from advalign_jax.cli import convert_cmd, data_cmd, evaluate_cmd, robust_cmd, targets_cmd, train_cmd
 from advalign_jax.config import split_overrides
 from advalign_jax.errors import AdvalignError
 
+try:  # JAX's own reader of its cache entries; another JAX layout has none (then a program's entries all go)
+    from jax._src.compilation_cache import decompress_executable
+except ImportError:  # pragma: no cover
+    decompress_executable = None
+
 # Subcommand modules, in the order --help lists them.
-COMMANDS = ("advalign_jax.cli.evaluate_cmd", "advalign_jax.cli.robust_cmd", "advalign_jax.cli.train_cmd",
-            "advalign_jax.cli.targets_cmd", "advalign_jax.cli.data_cmd", "advalign_jax.cli.convert_cmd")
+COMMANDS = (evaluate_cmd, robust_cmd, train_cmd, targets_cmd, data_cmd, convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not reuse compiled programs across runs (JAX's persistent compilation cache in "
                              "$ADVALIGN_JAX_CACHE_DIR, default ~/.cache/advalign_jax/xla)")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(name).add_parser(sub)
+    for command in COMMANDS:
+        command.add_parser(sub)
     return parser
 
 
@@ -48,8 +54,6 @@ def enable_compile_cache() -> None:
     """Reuses compiled XLA programs across runs: JAX's persistent compilation cache in
     :func:`compile_cache_dir` (every program, however quick to compile; keyed by JAX on the program,
     the compiler options and the device). An unusable directory only turns the cache off."""
-    import jax  # pylint: disable=import-outside-toplevel
-
     path = compile_cache_dir()
     try:
         os.makedirs(path, exist_ok=True)
@@ -96,10 +100,6 @@ def remove_unreadable_cache_entries(path: str, program: str) -> int:
     """Removes the entries of ``program`` in the cache directory ``path`` that do not decompress (JAX's
     own ``decompress_executable``; where this JAX lacks it, every entry of that program), returns how
     many. Entries are named ``{program}-{64 hex digits}-cache``."""
-    try:
-        from jax._src.compilation_cache import decompress_executable  # pylint: disable=import-outside-toplevel
-    except ImportError:  # pragma: no cover - another JAX layout: drop the program's entries
-        decompress_executable = None
     pattern = re.compile(re.escape(program) + r"-[0-9a-f]{64}-cache")
     removed = 0
     try:
@@ -155,6 +155,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             parser.print_help()
             return 2
         args.config_overrides = overrides
+        faults.install()  # the crash points ADVALIGN_JAX_CRASH_AT names (crash tests); nothing when unset
         if not args.no_compile_cache and os.environ.get("ADVALIGN_JAX_NO_COMPILE_CACHE", "") in ("", "0"):
             enable_compile_cache()
         if overrides and not hasattr(args, "config"):
@@ -167,37 +168,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         print("advalign-jax: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # pylint: disable=broad-except
-        from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
-
         if not parallel.is_distributed():
             raise
         # In a multi-process run another process's failure surfaces here as a failed collective.
-        import jax  # pylint: disable=import-outside-toplevel
-
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         print(f"advalign-jax: error: process {jax.process_index()} of {jax.process_count()} stopped: "
               f"{type(err).__name__}: {first} (if another process failed, its own line says why; rerun the same "
               "command to resume)", file=sys.stderr)
         return 3
-
-
-def job_config(args):
-    """The command's config, with the multi-process runtime started first when it asks for it
-    (``--config.distributed=true``): that must precede every other JAX call."""
-    from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
-    from advalign_jax.config import load_config  # pylint: disable=import-outside-toplevel
-
-    config = load_config(args.config, args.config_overrides)
-    if "distributed" in config and bool(config.distributed):
-        parallel.initialize_distributed(True)
-    return config
-
-
-def lead() -> bool:
-    """Whether this process prints the command's results (process 0 of a multi-process run)."""
-    import jax  # pylint: disable=import-outside-toplevel
-
-    return jax.process_index() == 0
 
 
 if __name__ == "__main__":

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from advalign_jax.cli.common import job_config, lead
+from advalign_jax.evaluation import robust
+
 DEFAULT_CONFIG = "configs/robustness.py"
 
 
@@ -32,14 +35,11 @@ def add_parser(sub) -> None:
 
 
 def run_evaluate_robust(args: argparse.Namespace) -> int:
-    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
-    from advalign_jax.evaluation import robustness  # pylint: disable=import-outside-toplevel
-
     config = job_config(args)
-    rows = robustness.evaluate(config, progress=not args.no_progress)
+    rows = robust.evaluate(config, progress=not args.no_progress)
     if not lead():
         return 0
-    print(robustness.format_summary(rows))
+    print(robust.format_summary(rows))
     print(f"results: {os.path.join(config.workdir, 'summary.csv')} (per example: "
           f"{os.path.join(config.workdir, 'per_example.csv')})")
     return 0

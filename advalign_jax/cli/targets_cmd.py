@@ -13,7 +13,15 @@ import glob
 import json
 import os
 
-from advalign_jax import store
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from advalign_jax import parallel, store
+from advalign_jax.data import target_files as F
+from advalign_jax.data.images import load_arrays
+from advalign_jax.errors import ConfigError, OutputError, output_error, writing
+from advalign_jax.losses import pag_targets as T
 
 METHODS = ("one_image", "class_mean", "nearest_neighbour")
 
@@ -50,10 +58,6 @@ def add_parser(sub) -> None:
 def compute_targets(method, images, labels, num_classes, *, seed=0, nn_sample_size=0, class_mean_scale=0.0,
                     progress=lambda it: it):
     """(N, C, *image_shape) float32 target gradients of every image (NumPy)."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
-
     if method == "nearest_neighbour":
         targets, _ = T.nearest_neighbour_targets_dataset(images, labels, num_classes, nn_sample_size or None,
                                                          seed=seed, progress=progress)
@@ -63,8 +67,6 @@ def compute_targets(method, images, labels, num_classes, *, seed=0, nn_sample_si
 
 
 def _representatives(method, images, labels, num_classes, seed, class_mean_scale):
-    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
-
     if method == "one_image":
         return T.one_image_representatives(images, labels, num_classes, seed=seed)[0]
     return T.class_mean_representatives(images, labels, num_classes,
@@ -72,19 +74,7 @@ def _representatives(method, images, labels, num_classes, seed, class_mean_scale
 
 
 def run_targets(args: argparse.Namespace) -> int:
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
-    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
-    from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
-    from advalign_jax.losses import pag_targets as T  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax import parallel  # pylint: disable=import-outside-toplevel
-
     parallel.initialize_distributed(bool(args.distributed))
-    import jax  # pylint: disable=import-outside-toplevel
-
     me, count = jax.process_index(), jax.process_count()
     if args.shards <= 0 and os.path.splitext(args.out)[1] not in (".npz", ".npy"):
         raise ConfigError(f"--out {args.out}: name a .npz or .npy file, or pass --shards N for TFRecords")
@@ -96,7 +86,7 @@ def run_targets(args: argparse.Namespace) -> int:
         written = [args.out]
     elif args.shards <= 0:
         if os.path.isdir(args.out):
-            raise store.OutputError(f"cannot write {args.out}: it is a directory; name a .npz or .npy file")
+            raise OutputError(f"cannot write {args.out}: it is a directory; name a .npz or .npy file")
         store.make_dirs(os.path.dirname(os.path.abspath(args.out)))
         targets = compute_targets(args.method, images, labels, num_classes, progress=progress, **kw)
         tmp = f"{args.out}.tmp-{os.getpid()}{os.path.splitext(args.out)[1]}"
@@ -106,7 +96,7 @@ def run_targets(args: argparse.Namespace) -> int:
         except OSError as err:
             if os.path.exists(tmp):
                 os.remove(tmp)
-            raise store.output_error(args.out, err) from None
+            raise output_error(args.out, err) from None
         written = [args.out]
     else:
         # Shard s holds images s, s + S, s + 2S, ...; finished shards are kept, so a rerun resumes.
@@ -137,7 +127,7 @@ def run_targets(args: argparse.Namespace) -> int:
             else:
                 targets = np.asarray(T.representative_targets(images[idx], reps), np.float32)
             tmp_dir = os.path.join(args.out, f".shard-{s}")
-            with store.writing(path):
+            with writing(path):
                 F.write_target_records(tmp_dir, "targets", images[idx], targets, labels[idx], idx, overwrite=True)
                 os.replace(glob.glob(os.path.join(tmp_dir, "targets-*.tfrecords"))[0], path)
                 os.rmdir(tmp_dir)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from advalign_jax.cli.common import job_config, lead
+from advalign_jax.training.trainer import train
+
 
 def add_parser(sub) -> None:
     tr = sub.add_parser(
@@ -19,9 +22,6 @@ def add_parser(sub) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from advalign_jax.cli.main import job_config, lead  # pylint: disable=import-outside-toplevel
-    from advalign_jax.training.trainer import train  # pylint: disable=import-outside-toplevel
-
     config = job_config(args)
     result = train(config, progress=not args.no_progress)
     if not lead():

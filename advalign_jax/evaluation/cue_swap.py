@@ -29,8 +29,16 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from advalign_jax.data import records, synthetic
+from advalign_jax.data.tf_env import import_tf
+from advalign_jax.evaluation.summaries import with_interval
+
 VARIANTS = ("swap", "congruent")
 NO_CUE = -1  # the per-image cue columns of data without a patch cue
+CUE_COLUMNS = ["cue_mass", "cue", "swap_cue", "swap_pred", "congruent_pred"]
+CUE_SUMMARY_COLUMNS = ["cue_swap_accuracy", "cue_swap_accuracy_low", "cue_swap_accuracy_high",
+                       "cue_congruent_accuracy", "cue_congruent_accuracy_low", "cue_congruent_accuracy_high",
+                       "cue_follow_rate"]
 
 
 def swap_class(index: int, label: int, num_classes: int) -> int:
@@ -72,7 +80,6 @@ def _metadata_for(path: str) -> Optional[dict]:
 def find(files: Sequence[str], num_classes: int) -> Optional[CueData]:
     """:class:`CueData` when every file of ``files`` (the reader's sorted list) is a synthetic shard
     with a patch cue and ``num_classes`` classes; else None."""
-    from advalign_jax.data import synthetic  # pylint: disable=import-outside-toplevel
 
     specs, encodings, gen_index = [], [], []
     for path in files:
@@ -104,7 +111,6 @@ def find(files: Sequence[str], num_classes: int) -> Optional[CueData]:
 
 
 def _encode(spec, encoding, index: int, cue_class: Optional[int]) -> bytes:
-    from advalign_jax.data import records, synthetic  # pylint: disable=import-outside-toplevel
 
     image, heatmap, label = synthetic.make_example(index, spec, cue_class=cue_class)
     return records.encode_example(image, heatmap, label, encoding[0], encoding[1])
@@ -114,7 +120,6 @@ def reproduces(stored: bytes, fresh: bytes, tolerance: float = 1.0) -> bool:
     """The regenerated record decodes to the stored one: the same label, and image and map within a mean
     absolute difference of ``tolerance`` grey levels (JPEG codec versions may round differently; the
     bytes themselves may differ where the decoded pixels do not)."""
-    from advalign_jax.data import records  # pylint: disable=import-outside-toplevel
 
     if stored == fresh:
         return True
@@ -131,7 +136,6 @@ def write_variants(data: CueData, needed: np.ndarray, out_dir: str,
     files in the same order; records whose ``needed`` entry (record order) is false keep their stored
     bytes, as they will not be evaluated). Returns ``{variant: [files]}``, or None (with a line in
     ``log``) when the generator does not reproduce the stored records."""
-    from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
 
     tf = import_tf()
     out = {v: [] for v in VARIANTS}
@@ -184,3 +188,34 @@ class Variants:
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The per-image columns and the summary of the test
+# ----------------------------------------------------------------------------------------------------
+
+
+def cue_fields(host: dict, meta: dict, k: int) -> dict:
+    """The per-image cue columns (:data:`CUE_COLUMNS`: ``cue_mass``, the share of the explanation map inside the patch, :func:`advalign_jax.evaluation.metrics.region_fraction`; ``cue,swap_cue,swap_pred,congruent_pred``, ``-1`` where the data has no patch cue) of image ``k`` of a batch."""
+    return {"cue_mass": float(host["cue_mass"][k]) if "cue_mass" in host else float("nan"),
+            "cue": int(meta["cue"][k]), "swap_cue": int(meta["swap_cue"][k]),
+            "swap_pred": int(host["pred_swap"][k]) if "pred_swap" in host else NO_CUE,
+            "congruent_pred": int(host["pred_congruent"][k]) if "pred_congruent" in host else NO_CUE}
+
+
+def cue_summary(rows: Sequence[dict], boot: dict) -> dict:
+    """The cue-swap test of one model (:data:`CUE_SUMMARY_COLUMNS`) from its per-image rows: accuracy on
+    the swapped copies and on the congruent ones (with their bootstrap intervals), and the share of
+    swapped copies classified as the painted class; NaN without the test."""
+    tested = [r for r in rows if int(r["swap_cue"]) >= 0]
+    out = {}
+    with_interval(out, "cue_swap_accuracy", [int(r["swap_pred"]) == int(r["label"]) for r in tested], boot)
+    with_interval(out, "cue_congruent_accuracy", [int(r["congruent_pred"]) == int(r["label"]) for r in tested], boot)
+    out["cue_follow_rate"] = (float(np.mean([int(r["swap_pred"]) == int(r["swap_cue"]) for r in tested]))
+                              if tested else float("nan"))
+    return out
+
+
+def swap_correct(row: dict) -> float:
+    """1 / 0: the swapped copy is classified correctly; NaN without the cue-swap test."""
+    return float(int(row["swap_pred"]) == int(row["label"])) if int(row["swap_cue"]) >= 0 else float("nan")

@@ -25,6 +25,7 @@ import math
 from typing import Sequence
 
 import numpy as np
+from scipy import stats
 
 DEFAULT_RESAMPLES = 10_000
 DEFAULT_CONFIDENCE = 0.95
@@ -75,8 +76,6 @@ class PairedComparison:
 def wilcoxon_p(d: Sequence[float]) -> float:
     """Two-sided p-value of the Wilcoxon signed-rank test of the differences ``d`` (scipy's defaults);
     ``1`` when every difference is zero, ``nan`` without differences."""
-    from scipy import stats  # pylint: disable=import-outside-toplevel
-
     d = np.asarray(d, np.float64)
     if d.size == 0:
         return float("nan")

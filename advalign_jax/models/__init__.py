@@ -10,8 +10,8 @@ See :mod:`advalign_jax.models.base` for the conventions every architecture follo
 """
 
 from advalign_jax.models.base import InputNorm, Model, ModelDef, NORMS
-from advalign_jax.models.checkpoint import load_model, save_model
+from advalign_jax.models.checkpoint import fingerprint, load_model, save_model
 from advalign_jax.models.registry import get_def, get_model, list_models
 
-__all__ = ["InputNorm", "Model", "ModelDef", "NORMS", "get_def", "get_model", "list_models", "load_model",
-           "save_model"]
+__all__ = ["InputNorm", "Model", "ModelDef", "NORMS", "fingerprint", "get_def", "get_model", "list_models",
+           "load_model", "save_model"]

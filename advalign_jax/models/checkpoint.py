@@ -13,6 +13,7 @@ against it, listing all mismatches at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -148,3 +149,17 @@ def load_model(path: str, arch: Optional[str] = None, **overrides: Any) -> tuple
     variables = jax.tree.map(np.asarray, dict(variables))
     check_shapes(variables, model, path)
     return model, variables
+
+
+def fingerprint(arch: str, options: Mapping[str, Any], variables) -> str:
+    """sha256 of the architecture, its options and every variable (path, dtype, shape, bytes): two
+    checkpoints share a fingerprint only if they compute the same function."""
+    h = hashlib.sha256()
+    plain = json.loads(json.dumps(options.to_dict() if hasattr(options, "to_dict") else options, default=str))
+    h.update(json.dumps({"arch": arch, "options": plain}, sort_keys=True, default=str).encode())
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from advalign_jax.training.optim import official_pag_boundaries
+
 # The harmonization package's weight-decay name mask (substrings of excluded parameter names).
 REFERENCE_DECAY_EXCLUDE = ("bn/", "normalization", "embed", "Norm", "norm", "class_token")
 # Our flax models name their norm layers bn*/norm*/ln*; with '/' separators this keeps the
@@ -153,8 +155,6 @@ def pag_official_semantics(c: ml_collections.ConfigDict, epochs: int = 100) -> m
     - with precomputed targets, training on the target file's own images and labels
       (``targets_images='file'``; the official files hold [-1, 1] images, ``targets_image_range``).
     """
-    from advalign_jax.training.optim import official_pag_boundaries  # pylint: disable=import-outside-toplevel
-
     c.objective.semantics = "replicated"
     c.objective.per_example_augment = False
     c.schedule.boundaries = official_pag_boundaries(epochs)

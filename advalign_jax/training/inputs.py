@@ -22,9 +22,13 @@ import json
 import os
 from typing import Optional
 
+import jax
 import numpy as np
 
+from advalign_jax.data import target_files as F
+from advalign_jax.data.config_block import reader_config
 from advalign_jax.data.images import load_arrays
+from advalign_jax.data.reader import ClickMeReader
 from advalign_jax.errors import ConfigError, DataError
 
 
@@ -89,8 +93,6 @@ def load_target_file(obj, num_classes: int):
     """The :class:`~advalign_jax.data.target_files.TargetSet` of ``objective.targets_file`` (.npy,
     .npz, .pt or a TFRecord shard pattern), with labels from ``objective.targets_labels_file`` when set,
     images mapped to [0, 1] from ``objective.targets_image_range``."""
-    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
-
     if not obj.targets_file:
         raise ConfigError("objective.target_source='precomputed' needs objective.targets_file")
     if obj.targets_image_range not in IMAGE_RANGES:
@@ -133,8 +135,6 @@ def precomputed_training_set(config):
       mismatch is one :class:`DataError` line naming the file and the index.
     """
 
-    from advalign_jax.data import target_files as F  # pylint: disable=import-outside-toplevel
-
     obj = config.objective
     if obj.targets_images not in TARGET_IMAGES:
         raise ConfigError(f"objective.targets_images must be one of {', '.join(TARGET_IMAGES)}, "
@@ -167,9 +167,11 @@ def precomputed_training_set(config):
 
 
 def make(kind: str, config, per_process_batch: int):
-    """The training stream for ``config.data_kind``."""
-    import jax  # pylint: disable=import-outside-toplevel
-
+    """The training stream named by ``config.data_kind``: the ClickMe reader's training batches
+    (``'clickme'``, :meth:`advalign_jax.data.reader.ClickMeReader.train_batches`) or :class:`ArrayBatches`
+    (``'arrays'``); a checkpointable iterator of this process's NumPy batches either way."""
+    if kind == "clickme":
+        return ClickMeReader(reader_config(config.data, per_process_batch=per_process_batch)).train_batches()
     if kind != "arrays":
         raise ConfigError(f"data_kind must be 'clickme' or 'arrays', got {kind!r}")
     obj = config.objective

@@ -6,11 +6,11 @@ metrics))``. Adding an objective is adding a file.
 
 import importlib
 
+from advalign_jax.errors import ConfigError
+
 
 def get(name: str):
     """The objective module ``advalign_jax.training.objectives.<name>``."""
-    from advalign_jax.errors import ConfigError  # pylint: disable=import-outside-toplevel
-
     try:
         return importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError:

@@ -19,7 +19,9 @@ from scipy import stats as sps
 from advalign_jax.cli.main import main
 from advalign_jax.data import embedded_files, synthetic
 from advalign_jax.data.reader import ClickMeReader, ReaderConfig
-from advalign_jax.evaluation import cue_swap, metrics, runner, stats
+from advalign_jax.evaluation import cue_swap, metrics, stats
+from advalign_jax.evaluation.figures import honest_limits
+from advalign_jax.evaluation.summaries import COMPARISON_COLUMNS
 from advalign_jax.evaluation import human_alignment as ha
 from advalign_jax.models import get_model, load_model, save_model
 
@@ -94,13 +96,13 @@ def test_honest_limits_keep_a_gap_inside_the_noise_small(seed):
     rng = np.random.default_rng(seed)
     centres = rng.uniform(0.2, 0.5, 3)
     half = rng.uniform(0.001, 0.05, 3)
-    lo, hi = runner.honest_limits(centres, centres - half, centres + half, min_span=0.5, bounds=(-1, 1))
+    lo, hi = honest_limits(centres, centres - half, centres + half, min_span=0.5, bounds=(-1, 1))
     assert -1 <= lo and hi <= 1 and lo <= min(centres - half) and max(centres + half) <= hi
     assert hi - lo >= 0.5 and hi - lo >= 4 * (2 * half.max())
     overlapping = [(i, j) for i in range(3) for j in range(3) if abs(centres[i] - centres[j]) <= half[i] + half[j]]
     for i, j in overlapping:  # a gap within the intervals spans at most a quarter of the axis
         assert abs(centres[i] - centres[j]) <= (hi - lo) / 4 + 1e-12
-    lo, hi = runner.honest_limits([3.0], [2.5], [3.2], min_span=0.0, bounds=(0, math.inf), include=0.0)
+    lo, hi = honest_limits([3.0], [2.5], [3.2], min_span=0.0, bounds=(0, math.inf), include=0.0)
     assert lo == 0.0 and hi > 3.2
 
 
@@ -151,12 +153,12 @@ def test_evaluate_with_two_models_writes_intervals_swaps_and_comparisons(two_che
         assert float(summary["cue_swap_accuracy_low"]) == pytest.approx(stats.bootstrap_interval(swap_ok, **boot)[0],
                                                                          abs=1e-6)
     comparison = _read(work / "comparison.csv")
-    assert list(comparison[0]) == runner.COMPARISON_COLUMNS
+    assert list(comparison[0]) == COMPARISON_COLUMNS
     assert [r["metric"] for r in comparison] == ["eps", "spearman", "dice", "cue_mass", "cue_swap_correct"]
     a, b = per_model["cnn_a"], per_model["cnn_b"]
     for r in comparison:
         assert (r["model_a"], r["model_b"]) == ("cnn_a", "cnn_b")
-        value = {"cue_swap_correct": runner.swap_correct}.get(
+        value = {"cue_swap_correct": cue_swap.swap_correct}.get(
             r["metric"], lambda row, m=r["metric"]: float(row[m]) if row["status"] == "attacked" else math.nan)
         va, vb = np.array([value(x) for x in a]), np.array([value(x) for x in b])
         keep = np.isfinite(va) & np.isfinite(vb)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 ROWS = [("minimal-eps search", "float32"), ("minimal-eps search", "bfloat16"),
         ("CE step", "remat False"), ("CE step", "remat True"),
         ("harmonizer step", "remat False, reverse_over_reverse"), ("harmonizer step", "remat False, reverse_over_forward"),

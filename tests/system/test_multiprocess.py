@@ -22,7 +22,7 @@ import pytest
 
 from advalign_jax.models import load_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ADVALIGN_JAX_CRASH_AT",
                                                          "ADVALIGN_JAX_CRASH_PROCESS")}
 ENV["JAX_PLATFORMS"] = "cpu"

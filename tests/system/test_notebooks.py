@@ -6,7 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "notebooks")
+NOTEBOOKS = os.path.join(os.path.dirname(__file__), "..", "..", "notebooks")
 
 
 @pytest.mark.parametrize("name,env", [("adversarial_alignment.ipynb", {"NOTEBOOK_NUM_IMAGES": "2"}),

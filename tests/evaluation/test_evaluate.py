@@ -50,14 +50,14 @@ def test_run_writes_the_reference_columns(checkpoint, tmp_path):
 def test_resume_after_an_interruption(checkpoint, tmp_path, monkeypatch):
     one = ("num_devices=1",)  # batches of 4: two batches for 8 images
     aa.evaluate(_config(checkpoint, tmp_path / "straight", *one), progress=False)
-    real = aa.make_batch_fn
-    monkeypatch.setattr(aa, "make_batch_fn", interrupt_on_call(real))
+    real = aa.search_batch_fn
+    monkeypatch.setattr(aa, "search_batch_fn", interrupt_on_call(real))
     with pytest.raises(KeyboardInterrupt):
         aa.evaluate(_config(checkpoint, tmp_path / "resumed", *one), progress=False)
     assert len(_read(tmp_path / "resumed" / "per_image" / "cnn.csv")) == 4  # the first batch was kept
     with open(tmp_path / "resumed" / "per_image" / "cnn.csv", "a") as f:
         f.write("cnn,5,3,")  # a row cut short by the interruption
-    monkeypatch.setattr(aa, "make_batch_fn", real)
+    monkeypatch.setattr(aa, "search_batch_fn", real)
     aa.evaluate(_config(checkpoint, tmp_path / "resumed", *one), progress=False)
     a = _read(tmp_path / "straight" / "per_image" / "cnn.csv")
     b = _read(tmp_path / "resumed" / "per_image" / "cnn.csv")

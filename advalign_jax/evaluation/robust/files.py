@@ -1,12 +1,12 @@
-"""The files of ``advalign-jax evaluate-robust``: per-example rows, ``summary.csv``, ``time.json`` and
-the printed table. File formats only; the arithmetic is in :mod:`advalign_jax.evaluation.robustness`.
+"""The rows and files of the robust-accuracy evaluation: per-example rows, ``summary.csv``, ``time.json``
+and the printed table. Formats only; the arithmetic is in :mod:`advalign_jax.evaluation.robust.summary`.
 
-- ``per_example.csv``: :func:`per_example_columns`; :func:`csv_rows` makes the rows of a batch's
-  records, :func:`arrays_from_csv` reads them back into the arrays :func:`~advalign_jax.evaluation.
-  robustness.summarise` takes, :func:`row_validator` rejects rows whose values do not parse (they are
-  dropped and recomputed on resume, :class:`advalign_jax.store.RowFile`).
-- ``summary.csv``: :data:`SUMMARY_COLUMNS`, :func:`summary_rows`; :func:`write_summary` replaces it
-  atomically, and only when its text changed (a finished rerun writes nothing).
+- per-example rows (``per_example.csv``): :func:`per_example_columns`; :func:`example_rows` makes the
+  rows of a batch, :func:`arrays_from_rows` turns rows (fresh, or read back from the CSV as strings)
+  into the arrays :func:`~advalign_jax.evaluation.robust.summary.summarise` takes,
+  :func:`row_validator` rejects rows whose values do not parse (they are dropped and recomputed on
+  resume, :class:`advalign_jax.store.RowFile`).
+- ``summary.csv``: :data:`SUMMARY_COLUMNS`, :func:`summary_rows`, :func:`summary_text`.
 - ``time.json``: the job's wall-clock seconds and each attack's and stage's (:func:`load_times`,
   :func:`save_times`).
 """
@@ -14,21 +14,25 @@ the printed table. File formats only; the arithmetic is in :mod:`advalign_jax.ev
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable, Sequence
 
 import numpy as np
 
 from advalign_jax import store
-from advalign_jax.evaluation.robust_attacks import Attack, Cascade
-from advalign_jax.evaluation.runner import format_table
+from advalign_jax.evaluation.robust.attacks import Attack, Cascade
+from advalign_jax.evaluation.protocol import real
+from advalign_jax.evaluation.robust.sequence import robust_records
+from advalign_jax.evaluation.tables import format_table
 
 SUMMARY_COLUMNS = ["model", "attack", "stage", "norm", "eps", "num_examples", "clean_accuracy", "robust_accuracy",
                    "adversarial_accuracy", "max_perturbation", "wall_time_s", "stage_time_s", "checks"]
 
 
 def per_example_columns(attacks: Sequence[Attack]) -> list:
-    """The columns of ``per_example.csv`` (the module docstring of :mod:`robustness`)."""
+    """The columns of ``per_example.csv``: ``img,label,clean_pred,grad_zero`` (1 if the input gradient
+    of the cross-entropy is exactly zero), per attack ``NAME/pred``, ``NAME/robust`` (0/1),
+    ``NAME/norm`` (the perturbation's norm in the attack's norm) and for cascades ``NAME/stage`` (the
+    stage that flipped the example, ``none`` if none), then ``robust_to_all``."""
     cols = ["img", "label", "clean_pred", "grad_zero"]
     for a in attacks:
         cols += [f"{a.name}/pred", f"{a.name}/robust", f"{a.name}/norm"]
@@ -37,29 +41,37 @@ def per_example_columns(attacks: Sequence[Attack]) -> list:
     return cols + ["robust_to_all"]
 
 
-def csv_rows(index, rec: dict, attacks: Sequence[Attack]) -> list:
-    """The ``per_example.csv`` rows of a batch: ``index`` its dataset positions, ``rec`` its records."""
+def example_rows(meta: dict, host: dict, attacks: Sequence[Attack]) -> list:
+    """The rows of a batch's real examples (a protocol batch: ``meta`` and the gathered outputs
+    ``host``), with ``NAME/x_adv`` where the outputs hold it."""
+    k = real(meta)
+    rec = robust_records({name: v[k] for name, v in host.items()}, meta["label"][k], attacks)
     rows = []
-    for k, img in enumerate(index):
-        row = {"img": int(img), "label": int(rec["label"][k]), "clean_pred": int(rec["clean_pred"][k]),
-               "grad_zero": int(rec["grad_zero"][k]), "robust_to_all": int(rec["robust_to_all"][k])}
+    for j, img in enumerate(meta["index"][k]):
+        row = {"img": int(img), "label": int(rec["label"][j]), "clean_pred": int(rec["clean_pred"][j]),
+               "grad_zero": int(rec["grad_zero"][j]), "robust_to_all": int(rec["robust_to_all"][j])}
         for a in attacks:
-            row[f"{a.name}/pred"] = int(rec[f"{a.name}/pred"][k])
-            row[f"{a.name}/robust"] = int(rec[f"{a.name}/robust"][k])
-            row[f"{a.name}/norm"] = float(rec[f"{a.name}/norm"][k])
+            row[f"{a.name}/pred"] = int(rec[f"{a.name}/pred"][j])
+            row[f"{a.name}/robust"] = int(rec[f"{a.name}/robust"][j])
+            row[f"{a.name}/norm"] = float(rec[f"{a.name}/norm"][j])
             if isinstance(a, Cascade):
-                s = int(rec[f"{a.name}/stage"][k])
+                s = int(rec[f"{a.name}/stage"][j])
                 row[f"{a.name}/stage"] = a.stages[s][0] if s >= 0 else "none"
+            if f"{a.name}/x_adv" in rec:
+                row[f"{a.name}/x_adv"] = rec[f"{a.name}/x_adv"][j]
         rows.append(row)
     return rows
 
 
-def arrays_from_csv(rows: Sequence[dict], attacks: Sequence[Attack]) -> dict:
-    """Per-example CSV rows (strings) -> the arrays :func:`summarise` takes."""
+def arrays_from_rows(rows: Sequence[dict], attacks: Sequence[Attack]) -> dict:
+    """Per-example rows (values, or the CSV's strings) -> arrays over the examples in row order:
+    ``index``, ``label``, ``clean_pred``, ``grad_zero``, ``clean_correct``, ``robust_to_all``, and per
+    attack ``NAME/pred``, ``NAME/robust``, ``NAME/norm``, ``NAME/stage`` (stage number, -1 for none)
+    and ``NAME/x_adv`` where the rows hold it."""
     def col(key, kind):
         return np.array([kind(r[key]) for r in rows], dtype=kind)
 
-    out = {"label": col("label", int), "clean_pred": col("clean_pred", int),
+    out = {"index": col("img", int), "label": col("label", int), "clean_pred": col("clean_pred", int),
            "grad_zero": col("grad_zero", int).astype(bool), "robust_to_all": col("robust_to_all", int).astype(bool)}
     out["clean_correct"] = out["clean_pred"] == out["label"]
     for a in attacks:
@@ -70,6 +82,8 @@ def arrays_from_csv(rows: Sequence[dict], attacks: Sequence[Attack]) -> dict:
             names = [s for s, _ in a.stages]
             out[f"{a.name}/stage"] = np.array([names.index(r[f"{a.name}/stage"]) if r[f"{a.name}/stage"] != "none"
                                                else -1 for r in rows], int)
+        if rows and f"{a.name}/x_adv" in rows[0]:
+            out[f"{a.name}/x_adv"] = np.stack([r[f"{a.name}/x_adv"] for r in rows])
     return out
 
 
@@ -103,9 +117,6 @@ def summary_rows(model: str, summary: dict, seconds: float) -> list:
     return rows
 
 
-_MODELS: dict = {}
-
-
 def row_validator(attacks: Sequence[Attack]) -> Callable[[dict], bool]:
     """A :class:`~advalign_jax.store.RowFile` validator: every column but the cascades' ``NAME/stage``
     parses as a number, and each ``NAME/stage`` names a stage of its cascade or ``none``."""
@@ -124,29 +135,17 @@ def summary_text(rows: Sequence[dict]) -> str:
     return store.csv_text([SUMMARY_COLUMNS] + [[store.fmt(r.get(c, "")) for c in SUMMARY_COLUMNS] for r in rows])
 
 
-def write_summary(path: str, rows: Sequence[dict]) -> bool:
-    """Replaces ``summary.csv`` atomically when its text changed; returns whether it was written."""
-    text = summary_text(rows)
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            if f.read() == text:
-                return False
-    store.atomic_write_text(path, text)
-    return True
-
-
-def load_times(path: str) -> tuple:
-    """``(seconds, {(attack, stage): seconds})`` of ``time.json`` (zeros when there is none)."""
-    saved = store.read_json(path)
+def times_from_json(saved: dict) -> tuple:
+    """``(seconds, {(attack, stage): seconds})`` of a ``time.json`` value (zeros for ``{}``)."""
     if not saved:
         return 0.0, {}
     stages = {tuple(k.split("/", 1)): float(v) for k, v in saved.get("stages", {}).items()}
     return float(saved.get("seconds", 0.0)), stages
 
 
-def save_times(path: str, spent: float, stages: dict) -> None:
-    """Replaces ``time.json`` atomically."""
-    store.atomic_write_json(path, {"seconds": spent, "stages": {f"{a}/{s}": v for (a, s), v in stages.items()}})
+def times_to_json(spent: float, stages: dict) -> dict:
+    """The ``time.json`` value of the job's seconds and each attack's and stage's."""
+    return {"seconds": spent, "stages": {f"{a}/{s}": v for (a, s), v in stages.items()}}
 
 
 def format_summary(rows: Sequence[dict]) -> str:

@@ -99,7 +99,7 @@ def test_harmonization_recipe_runs_locally(recipe, tmp_path):
 def test_a_checkpoint_from_before_an_added_key_resumes_at_its_default():
     """A saved config without ``objective.differentiation`` (written before the key existed) resumes
     when the current value is the default; any other value is a changed configuration."""
-    from advalign_jax.training.trainer import _check_meta
+    from advalign_jax.training.checkpoints import check_meta as _check_meta
 
     def meta(**objective):
         return {"arch": "small_cnn", "num_classes": 10, "model_options": {}, "optimizer": "sgd",

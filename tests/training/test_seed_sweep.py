@@ -32,6 +32,7 @@ from advalign_jax.config import load_config
 from advalign_jax.errors import ConfigError
 from advalign_jax.models import load_model
 from advalign_jax.training import seed_sweep as S
+from advalign_jax.training import seed_sweep_cmd as cmd
 from advalign_jax.training.trainer import train
 
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -130,15 +131,15 @@ def test_kept_counts_and_distribution():
     d = S.distribution(values)
     q1, med, q3 = statistics.quantiles(values, n=4, method="inclusive")
     assert (d["q1"], d["median"], d["q3"], d["min"], d["max"], d["n"]) == (q1, med, q3, 71, 597, 8)
-    assert S.parse_seeds("4") == [0, 1, 2, 3] and S.parse_seeds("5-7") == [5, 6, 7] and S.parse_seeds("2,9") == [2, 9]
+    assert cmd.parse_seeds("4") == [0, 1, 2, 3] and cmd.parse_seeds("5-7") == [5, 6, 7] and cmd.parse_seeds("2,9") == [2, 9]
     with pytest.raises(ConfigError):
-        S.parse_seeds("a few")
+        cmd.parse_seeds("a few")
 
 
 def test_command_writes_and_reuses_its_files(tmp_path, capsys):
     out = str(tmp_path / "out")
     args = ["--variants", "vanilla,pag", "--seeds", "2", "--out", out, "--no-progress", "--config.total_steps=4"]
-    assert S.main(args) == 0
+    assert cmd.main(args) == 0
     printed = capsys.readouterr().out
     assert "kept_adversarial" in printed and "kept_robust" in printed
     with open(os.path.join(out, "summary.csv")) as f:
@@ -152,7 +153,7 @@ def test_command_writes_and_reuses_its_files(tmp_path, capsys):
     with open(os.path.join(out, "distribution.csv")) as f:
         dist = list(csv.DictReader(f))
     assert {(r["variant"], r["count"]) for r in dist} == {(v, c) for v in ("vanilla", "pag") for c in S.COUNTS}
-    assert S.main(args) == 0  # the same sweep again: reused
+    assert cmd.main(args) == 0  # the same sweep again: reused
     assert "reusing" in capsys.readouterr().out
-    assert S.main(args[:-1] + ["--config.total_steps=5"]) == 2  # another config into the same folder
+    assert cmd.main(args[:-1] + ["--config.total_steps=5"]) == 2  # another config into the same folder
     assert "total_steps" in capsys.readouterr().err

@@ -20,7 +20,10 @@ from advalign_jax.attacks.square import SquareConfig
 from advalign_jax.cli.main import main
 from advalign_jax.config import load_config
 from advalign_jax.errors import ConfigError, DataError
-from advalign_jax.evaluation import robustness as R
+from advalign_jax.evaluation import robust as R
+from advalign_jax.evaluation.robust import evaluator as robust_evaluator_module
+from advalign_jax.evaluation.robust.attacks import fit_to_classes
+from advalign_jax.evaluation.robust.sequence import _attack_key
 from interrupts import interrupt_on_call
 
 H, W, C, K = 4, 4, 3, 10
@@ -124,7 +127,7 @@ def test_records_follow_autoattack_bookkeeping(setup, one_batch):
     np.testing.assert_array_equal(x_adv[unchanged], x[unchanged])
     # the cascade is APGD-CE on every clean-correct point, then APGD-T on the survivors
     f = lambda z: apply_fn(variables, z)  # noqa: E731
-    key = R._attack_key(jax.random.PRNGKey(3), cascade.name)
+    key = _attack_key(jax.random.PRNGKey(3), cascade.name)
     ok = clean_pred == y
     x_ce, fooled_ce = apgd(f, x, y, cascade.eps, cascade.stages[0][1], key=jax.random.fold_in(key, 0), mask=ok)
     np.testing.assert_array_equal(stage == 0, ok & np.asarray(fooled_ce))
@@ -160,8 +163,8 @@ def test_apgd_t_on_few_classes():
     x = rng.uniform(0, 1, size=(6, H, W, C)).astype(np.float32)
     y = np.asarray(jnp.argmax(apply5(w, x), 1))
     nine = R.autoattack_whitebox("linf", 0.05, n_iter=4, stages=("apgd-t",))  # 9 targets asked, 4 possible
-    assert R._fit_to_classes(nine.stages[0][1], 5, "x").n_target_classes == 4
-    assert R._fit_to_classes(nine.stages[0][1], 50, "x").n_target_classes == 9
+    assert fit_to_classes(nine.stages[0][1], 5, "x").n_target_classes == 4
+    assert fit_to_classes(nine.stages[0][1], 50, "x").n_target_classes == 9
     few = R.evaluate_robustness(apply5, w, x, y, [nine, R.pgd_attack("linf", 0.05, steps=2)]).summary
     assert few["n"] == 6 and "n_classes" in few["checks"]  # AutoAttack's check: more targets than classes
     assert "n_classes" in few["attacks"][nine.name]["checks"] and "n_classes" not in few["attacks"]["pgd2-linf"]["checks"]
@@ -179,7 +182,7 @@ def test_clean_accuracy_and_errors(setup):
     with pytest.raises(ConfigError, match="named"):
         R.evaluate_robustness(apply_fn, variables, x, y, attacks=[R.pgd_attack("l2"), R.pgd_attack("l2")])
     with pytest.raises(ConfigError, match="mix norms"):
-        R.APGDCascade("mixed", 0.1, (("a", APGDConfig(norm="l2")), ("b", APGDConfig(norm="linf"))))
+        R.Cascade("mixed", 0.1, (("a", APGDConfig(norm="l2")), ("b", APGDConfig(norm="linf"))))
     with pytest.raises(ConfigError, match="eps"):
         R.evaluate_robustness(apply_fn, variables, x, y, attacks=[R.pgd_attack("l2", -1.0)])
 
@@ -304,13 +307,13 @@ def test_cli_writes_results_and_resumes(digits_checkpoint, tmp_path, capsys, mon
                                                                   abs=1e-6)
 
     # interrupted during its second batch of 16, then resumed with another batch size
-    real = R.make_batch_fn
-    monkeypatch.setattr(R, "make_batch_fn", interrupt_on_call(real))
+    real = robust_evaluator_module.compiled_sequence
+    monkeypatch.setattr(robust_evaluator_module, "compiled_sequence", interrupt_on_call(real))
     assert _cli(digits_checkpoint, tmp_path / "resumed", "--config.batch_size=16") == 130
     assert len(_read(tmp_path / "resumed" / "per_example.csv")) == 16  # the first batch was kept
     with open(tmp_path / "resumed" / "per_example.csv", "a") as f:
         f.write("17,3,")  # a row cut short by the interruption
-    monkeypatch.setattr(R, "make_batch_fn", real)
+    monkeypatch.setattr(robust_evaluator_module, "compiled_sequence", real)
     assert _cli(digits_checkpoint, tmp_path / "resumed", "--config.batch_size=8") == 0  # computes 16..23 only
     resumed = _read(tmp_path / "resumed" / "per_example.csv")
     # same rows, in order, none twice (norms up to float32 sums: other batch sizes per device)

@@ -4,8 +4,8 @@
 the previous ones), the constructors (:func:`pgd_attack`, :func:`autoattack_whitebox`,
 :func:`autoattack_attack`, :func:`single_attack`, :data:`PAG_EPOCH_EVAL`, :func:`default_attacks`),
 :func:`attacks_from_config` (the ``KIND-NORM`` strings of ``configs/robustness.py``) and the checks
-of a list of attacks (:func:`_check_attacks`, :func:`_fit_to_classes`). The module docstring of
-:mod:`advalign_jax.evaluation.robustness` describes the evaluation as a whole.
+of a list of attacks (:func:`check_attacks`, :func:`fit_to_classes`). The package docstring of
+:mod:`advalign_jax.evaluation.robust` describes the evaluation as a whole.
 """
 
 from __future__ import annotations
@@ -80,7 +80,6 @@ class Cascade:
         return self.stages[0][1].norm
 
 
-APGDCascade = Cascade  # the name of the APGD-only cascades, kept for callers
 Attack = Union[PGDAttack, Cascade]
 
 
@@ -90,7 +89,8 @@ def _radius(norm: str, eps: Optional[float]) -> float:
     return ROBUSTBENCH_EPS[norm] if eps is None else float(eps)
 
 
-def _clip(clip) -> Optional[tuple]:
+def clip_range(clip) -> Optional[tuple]:
+    """The ``clip`` config value as ``(low, high)``, or None for ``()`` (no clipping)."""
     return None if clip is None or len(clip) == 0 else tuple(float(v) for v in clip)
 
 
@@ -103,7 +103,7 @@ def pgd_attack(norm: str, eps: Optional[float] = None, steps: int = 20, step_fac
     start = ("sphere" if norm == "l2" else "box") if random_start else "none"
     try:
         cfg = PGDConfig(norm=norm, steps=int(steps), step_size=float(step_factor) / int(steps), relative_step=True,
-                        random_start=start, use_best=bool(use_best), clip=_clip(clip))
+                        random_start=start, use_best=bool(use_best), clip=clip_range(clip))
     except (ValueError, ZeroDivisionError) as err:
         raise ConfigError(f"pgd: {err}") from None
     return PGDAttack(name or f"pgd{steps}-{norm}", eps, cfg)
@@ -117,9 +117,9 @@ def autoattack_whitebox(norm: str, eps: Optional[float] = None, n_iter: int = 10
     eps = _radius(norm, eps)
     try:
         made = {"apgd-ce": APGDConfig(norm=norm, n_iter=int(n_iter), n_restarts=int(n_restarts), loss="ce",
-                                      clip=_clip(clip)),
+                                      clip=clip_range(clip)),
                 "apgd-t": APGDConfig(norm=norm, n_iter=int(n_iter), n_restarts=int(n_restarts), loss="dlr-targeted",
-                                     n_target_classes=int(n_target_classes), clip=_clip(clip))}
+                                     n_target_classes=int(n_target_classes), clip=clip_range(clip))}
     except ValueError as err:
         raise ConfigError(f"apgd: {err}") from None
     return Cascade(name or f"apgd-ce+t-{norm}", eps, tuple((s, made[s]) for s in stages))
@@ -131,7 +131,7 @@ def autoattack_attack(norm: str, eps: Optional[float] = None, version: str = "st
     """AutoAttack ``version`` (``standard``, ``plus``, ``rand``) at radius ``eps`` (RobustBench's by
     default), with AutoAttack's budgets by default (:func:`~advalign_jax.attacks.autoattack.version_stages`)."""
     eps = _radius(norm, eps)
-    clip = _clip(clip)
+    clip = clip_range(clip)
     try:
         stages = AA.version_stages(version, norm, n_iter=int(n_iter), n_target_classes=int(n_target_classes),
                                    n_queries=int(n_queries), restarts=int(restarts), eot_iter=int(eot_iter),
@@ -153,7 +153,7 @@ def single_attack(kind: str, norm: str, eps: Optional[float] = None, n_iter: int
                   name: Optional[str] = None) -> Cascade:
     """One of AutoAttack's attacks on its own (``kind`` in :data:`SINGLE`), as a one-stage cascade."""
     eps = _radius(norm, eps)
-    clip = _clip(clip)
+    clip = clip_range(clip)
     try:
         if kind.startswith("apgd"):
             loss = {"apgd-ce": "ce", "apgd-t": "dlr-targeted", "apgd-dlr": "dlr"}[kind]
@@ -224,10 +224,10 @@ def attacks_from_config(c) -> tuple:
                                          fab_restarts=c.fab.n_restarts, n_queries=c.square.n_queries,
                                          p_init=c.square.p_init, square_restarts=c.square.n_restarts, clip=c.clip,
                                          name=spec))
-    return _check_attacks(attacks)
+    return check_attacks(attacks)
 
 
-def _check_attacks(attacks: Sequence[Attack]) -> tuple:
+def check_attacks(attacks: Sequence[Attack]) -> tuple:
     attacks = tuple(attacks)
     names = [a.name for a in attacks]
     for a in attacks:
@@ -243,7 +243,7 @@ def _check_attacks(attacks: Sequence[Attack]) -> tuple:
     return attacks
 
 
-def _fit_to_classes(cfg, num_classes: int, name: str):
+def fit_to_classes(cfg, num_classes: int, name: str):
     """A stage on C classes: ``min(n_target_classes, C - 1)`` targets; the DLR losses need 3 (4) classes."""
     try:
         return AA.fit_to_classes(cfg, num_classes)

@@ -1,9 +1,10 @@
-"""The batch function of the robust-accuracy evaluation: every attack of a list on one batch.
+"""The per-batch computation of the robust-accuracy evaluation: every attack of a list on one batch.
 
-:func:`batch_outputs` (one traceable function: the clean pass, then each attack; a cascade's stages
-each on the survivors of the previous ones) and :class:`BatchFn` / :func:`make_batch_fn` (the same as
-separately compiled, timed pieces, cached per attack list and batch shape); :func:`_records` turns a
-batch's outputs into the per-example records (robust = correct clean and at the returned point).
+:class:`AttackSequence` is the sequence, written once: the clean pass, then each attack, a cascade's
+stages each on the survivors of the previous ones; run as separately compiled, timed pieces
+(:func:`compiled_sequence`, cached per attack list and batch shape) or traced whole into a caller's
+program (:func:`batch_outputs`). :func:`robust_records` turns a batch's outputs into the per-example
+records (robust = correct clean and at the returned point).
 Every random draw of an example comes from its dataset index, so an example's result does not depend
 on its batch mates.
 """
@@ -23,7 +24,7 @@ import numpy as np
 from advalign_jax import parallel
 from advalign_jax.attacks import autoattack as AA
 from advalign_jax.attacks.pgd import pgd
-from advalign_jax.evaluation.robust_attacks import Attack, Cascade, PGDAttack, _check_attacks, _fit_to_classes
+from advalign_jax.evaluation.robust.attacks import Attack, Cascade, PGDAttack, check_attacks, fit_to_classes
 
 DEFAULT_CHUNKS = 4
 
@@ -60,7 +61,7 @@ def cascade_stage(f: Callable, x, y, index, robust, key, attack: Cascade, s: int
                   chunk: Optional[int] = None, sharding=None):
     """Stage ``s`` of ``attack`` on the ``robust`` examples only (compacted, ``chunk`` at a time;
     :func:`~advalign_jax.attacks.autoattack.on_survivors`): ``(x_stage, broken)``."""
-    cfg = _fit_to_classes(attack.stages[s][1], num_classes, attack.name)
+    cfg = fit_to_classes(attack.stages[s][1], num_classes, attack.name)
     k = jax.random.fold_in(_attack_key(key, attack.name), s)
     eps = jnp.full(x.shape[:1], attack.eps, x.dtype)
 
@@ -81,34 +82,6 @@ def _clean(f, x, y):
     return jnp.argmax(logits, axis=1), AA.zero_gradients(f, x, y), logits.shape[-1]
 
 
-def batch_outputs(apply_fn: Callable, variables, x, y, index, mask, key, attacks: Sequence[Attack],
-                  keep_adversarial: bool = False, chunk: Optional[int] = None, sharding=None) -> dict:
-    """Per-example results of every attack on one batch, traceable as a whole (:func:`make_batch_fn`
-    compiles it attack by attack and stage by stage, and times them).
-
-    Keys: ``clean_pred``, ``grad_zero``; per attack ``NAME/pred`` (prediction at the returned point),
-    ``NAME/norm`` (perturbation norm in the attack's norm); per cascade ``NAME/stage`` (the stage
-    that flipped the example, -1 if none); with ``keep_adversarial`` ``NAME/x_adv``. ``chunk``,
-    ``sharding``: how cascade stages gather their survivors (:func:`cascade_stage`)."""
-    def f(z):
-        return apply_fn(variables, z)
-
-    clean_pred, grad_zero, num_classes = _clean(f, x, y)
-    out = {"clean_pred": clean_pred, "grad_zero": grad_zero}
-    for attack in attacks:
-        if isinstance(attack, PGDAttack):
-            x_adv = _run_pgd(f, x, y, attack, _attack_key(key, attack.name), index, num_classes)
-        else:
-            robust = (clean_pred == y) & mask
-            x_adv, stage = x, jnp.full(y.shape, -1, jnp.int32)
-            for s in range(len(attack.stages)):
-                xs, ok = cascade_stage(f, x, y, index, robust, key, attack, s, num_classes, chunk, sharding)
-                x_adv, stage, robust = _take_stage(x_adv, stage, robust, xs, ok, s)
-            out[f"{attack.name}/stage"] = stage
-        out.update(_finish(f, x, x_adv, attack, keep_adversarial))
-    return out
-
-
 def _finish(f, x, x_adv, attack, keep_adversarial):
     out = {f"{attack.name}/pred": jnp.argmax(f(x_adv), axis=1), f"{attack.name}/norm": _norm_of(x_adv - x, attack.norm)}
     if keep_adversarial:
@@ -124,6 +97,7 @@ class _Compiled:
         self.jitted = jax.jit(fn)
         self.cache: dict = {}
         self.compile_s = 0.0
+        self.run_s = 0.0
 
     def __call__(self, *args):
         leaves, tree = jax.tree_util.tree_flatten(args)
@@ -140,19 +114,45 @@ class _Compiled:
         return out
 
 
-class BatchFn:
-    """``(variables, x, y, index, mask, key) -> dict``: :func:`batch_outputs`, computed as separately
-    compiled pieces (the clean pass, each PGD attack, each cascade stage) so that each is timed; the
-    dict also holds ``seconds``: ``{(attack, stage): seconds}`` of this call (``stage`` '' for an
-    attack as a whole, ``('compile', '')`` for compilation)."""
+class _Traced:
+    """The function itself, called inside the caller's trace (no compilation, no time)."""
 
-    def __init__(self, apply_fn: Callable, attacks: tuple, keep_adversarial: bool, chunk: Optional[int], sharding):
+    compile_s = 0.0
+    run_s = 0.0
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+
+class AttackSequence:
+    """``(variables, x, y, index, mask, key) -> dict``: the clean pass, then each attack of the list, a
+    cascade's stages each on the examples still robust after the previous ones.
+
+    Keys: ``clean_pred``, ``grad_zero``; per attack ``NAME/pred`` (prediction at the returned point),
+    ``NAME/norm`` (perturbation norm in the attack's norm); per cascade ``NAME/stage`` (the stage
+    that flipped the example, -1 if none); with ``keep_adversarial`` ``NAME/x_adv``. ``chunk``,
+    ``sharding``: how cascade stages gather their survivors (:func:`cascade_stage`).
+
+    ``compiled=True``: each piece (the clean pass, each PGD attack, each cascade stage) is its own
+    compiled program, so that each is timed: :attr:`seconds` holds ``{(attack, stage): seconds}`` of the
+    last call (``stage`` '' for an attack as a whole, ``('compile', '')`` for compilation).
+    ``compiled=False``: the pieces are traced into the caller's program (``jax.jit``/``jax.vmap`` of the
+    whole sequence); the results are the same.
+    """
+
+    def __init__(self, apply_fn: Callable, attacks: tuple, keep_adversarial: bool = False,
+                 chunk: Optional[int] = None, sharding=None, compiled: bool = True):
         self.attacks = attacks
+        piece = _Compiled if compiled else _Traced
+        self.seconds: dict = {}
 
         def clean(v, x, y):
             return _clean(lambda z: apply_fn(v, z), x, y)[:2]
 
-        self.clean = _Compiled(clean)
+        self.clean = piece(clean)
         self.pieces = {}
         for a in attacks:
             if isinstance(a, PGDAttack):
@@ -162,7 +162,7 @@ class BatchFn:
                     x_adv = _run_pgd(f, x, y, a, _attack_key(key, a.name), index, n_cls)
                     return _finish(f, x, x_adv, a, keep_adversarial)
 
-                self.pieces[a.name] = _Compiled(run_pgd)
+                self.pieces[a.name] = piece(run_pgd)
                 continue
             for s in range(len(a.stages)):
                 def stage(v, x, y, index, robust, key, a=a, s=s):
@@ -170,13 +170,13 @@ class BatchFn:
                     n_cls = jax.eval_shape(f, x).shape[-1]
                     return cascade_stage(f, x, y, index, robust, key, a, s, n_cls, chunk, sharding)
 
-                self.pieces[(a.name, s)] = _Compiled(stage)
+                self.pieces[(a.name, s)] = piece(stage)
 
             def finish(v, x, x_adv, a=a):
                 return _finish(lambda z: apply_fn(v, z), x, x_adv, a, keep_adversarial)
 
-            self.pieces[(a.name, "finish")] = _Compiled(finish)
-        self.take = jax.jit(_take_stage, static_argnums=5)
+            self.pieces[(a.name, "finish")] = piece(finish)
+        self.take = jax.jit(_take_stage, static_argnums=5) if compiled else _take_stage
 
     def _compile_total(self) -> float:
         return self.clean.compile_s + sum(p.compile_s for p in self.pieces.values())
@@ -207,8 +207,16 @@ class BatchFn:
             out[f"{a.name}/stage"] = stage
             seconds[(a.name, "")] = total + finish.run_s
         seconds[("compile", "")] = self._compile_total() - compiled_before
-        out["seconds"] = seconds
+        self.seconds = seconds
         return out
+
+
+def batch_outputs(apply_fn: Callable, variables, x, y, index, mask, key, attacks: Sequence[Attack],
+                  keep_adversarial: bool = False, chunk: Optional[int] = None, sharding=None) -> dict:
+    """The outputs of :class:`AttackSequence` on one batch, traceable as a whole (e.g. inside
+    ``jax.jit(jax.vmap(...))`` over several models' variables)."""
+    sequence = AttackSequence(apply_fn, check_attacks(attacks), keep_adversarial, chunk, sharding, compiled=False)
+    return sequence(variables, x, y, index, mask, key)
 
 
 def _chunk(batch_size: int, unit: int, chunks: int) -> int:
@@ -217,20 +225,21 @@ def _chunk(batch_size: int, unit: int, chunks: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def make_batch_fn(apply_fn: Callable, attacks: tuple, keep_adversarial: bool = False, mesh=None,
-                  batch_size: int = 0, chunks: int = DEFAULT_CHUNKS) -> BatchFn:
-    """The :class:`BatchFn` of ``attacks`` (cached: the per-epoch evaluation compiles once); cascade
-    stages attack their survivors ``batch_size / chunks`` at a time (all at once if ``batch_size`` is
-    0), constrained to ``mesh``'s data-parallel sharding."""
-    attacks = _check_attacks(attacks)
+def compiled_sequence(apply_fn: Callable, attacks: tuple, keep_adversarial: bool = False, mesh=None,
+                      batch_size: int = 0, chunks: int = DEFAULT_CHUNKS) -> AttackSequence:
+    """The compiled :class:`AttackSequence` of ``attacks`` (cached: the per-epoch evaluation compiles
+    once); cascade stages attack their survivors ``batch_size / chunks`` at a time (all at once if
+    ``batch_size`` is 0), constrained to ``mesh``'s data-parallel sharding."""
+    attacks = check_attacks(attacks)
     unit = parallel.data_parallel_size(mesh) if mesh is not None else 1
     chunk = _chunk(batch_size, unit, chunks) if batch_size else None
     sharding = parallel.data_sharding(mesh) if mesh is not None else None
-    return BatchFn(apply_fn, attacks, keep_adversarial, chunk, sharding)
+    return AttackSequence(apply_fn, attacks, keep_adversarial, chunk, sharding)
 
 
-def _records(host: dict, labels, attacks: Sequence[Attack]) -> dict:
-    """Host outputs of real examples -> records with the robustness flags (module docstring)."""
+def robust_records(host: dict, labels, attacks: Sequence[Attack]) -> dict:
+    """Host outputs of real examples -> records with the robustness flags: ``label``, ``clean_correct``,
+    ``NAME/robust`` (correct clean and at the attack's returned point) and ``robust_to_all``."""
     rec = dict(host)
     rec["label"] = labels
     rec["clean_correct"] = host["clean_pred"] == labels

@@ -24,7 +24,7 @@ from advalign_jax.cli import main as main_module
 from advalign_jax.cli.main import main
 from advalign_jax.models import get_model, load_model, save_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLI = [sys.executable, "-m", "advalign_jax.cli.main"]
 # One device per subprocess: the tiny runs start faster, and every run of a chain uses the same count.
 ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ADVALIGN_JAX_CRASH_AT")}

@@ -10,7 +10,7 @@ import ast
 import os
 import re
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(REPO, "advalign_jax")
 MAX_LINES = 450
 MAX_LAZY = 20
