@@ -4,7 +4,9 @@ Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
 parameter-free attacks" (ICML 2020), Algorithm 1, as its authors' code runs it
 (``autoattack/autopgd_base.py`` of fra31/auto-attack, which every published AutoAttack number comes
 from; where that code and the paper's text differ, the code is followed and the difference is named
-below). ``../shared/spec/attacks.md`` places it in the attack suite.
+below). It is the first two stages of AutoAttack "standard" (:mod:`advalign_jax.attacks.autoattack`);
+its losses are in :mod:`advalign_jax.attacks.apgd_losses`, its step-size schedule in
+:mod:`advalign_jax.attacks.apgd_schedule` (their names are importable from here too).
 
 **One run** (:func:`apgd_run`), per example, with radius ``eps``, projection ``P`` onto the
 eps-ball around ``x0`` intersected with the pixel box ``[0, 1]``:
@@ -54,7 +56,7 @@ keeps the first run that fools it, else the run of highest loss. As in AutoAttac
 model already misclassifies are not attacked (returned unchanged, success True). APGD-T's targets
 may also be given explicitly (``targets=``).
 
-Checked (``tests/test_apgd.py``) against an independent per-example PyTorch implementation written
+Checked (``tests/attacks/test_apgd.py``) against an independent per-example PyTorch implementation written
 from the paper (``tests/references/reference_apgd.py``: every iterate, step size and checkpoint decision, float64,
 to 1e-9) and, where ``torchattacks`` 3.5.1 is installed, against the authors' code as it ports it
 (Linf CE, DLR and targeted DLR over 100 iterations: the best point, the returned point and f_max agree
@@ -65,7 +67,7 @@ to about 1e-14 in float64).
 ``rand``) are averaged per step: the gradient is their mean (Expectation over Transformation), while
 the loss and the prediction are those of the last draw, as the original code. Without ``model_key``
 the model is deterministic and one draw is computed, whatever ``eot_iter`` says (the draws would be
-identical). ``tests/test_autoattack.py`` checks a first step against the mean of the draws' gradients.
+identical). ``tests/attacks/test_autoattack.py`` checks a first step against the mean of the draws' gradients.
 
 Every example is independent of its batch mates: its random draws come from ``fold_in(key, index)``
 (``index`` = its position in the dataset, default its position in the batch), its step size, counts
@@ -78,19 +80,25 @@ skipped (``lax.cond``).
 from __future__ import annotations
 
 import dataclasses
-import math
-from fractions import Fraction
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from advalign_jax.attacks.apgd_losses import (DLR_EPS, LOSSES, apgd_loss, ce_loss, dlr_loss, targeted_dlr_loss,
+                                              top_targets)
+from advalign_jax.attacks.apgd_schedule import (Controller, _check_arrays, checkpoints, controller_init,
+                                                controller_update, halving_decisions, paper_checkpoints)
+
+# The public names of APGD, its losses and its schedule included.
+__all__ = ["APGDConfig", "APGD_CE", "APGD_T", "CLEAN_DRAW", "Controller", "DLR_EPS", "KEEPS", "L2", "LINF", "LOSSES",
+           "NORMALISE_EPS", "apgd", "apgd_loss", "apgd_run", "apgd_step", "ce_loss", "checkpoints",
+           "controller_init", "controller_update", "dlr_loss", "halving_decisions", "lp_norm", "normalise",
+           "paper_checkpoints", "project", "random_start", "run_starts", "targeted_dlr_loss", "top_targets"]
 
 L2, LINF = "l2", "linf"
-LOSSES = ("ce", "dlr", "dlr-targeted")
 KEEPS = ("first", "last")
 NORMALISE_EPS = 1e-12  # normalise(v) = v / (||v|| + 1e-12), as the original code
-DLR_EPS = 1e-12
 CLEAN_DRAW = 2**31 - 1  # a randomised model's key for the clean prediction (runs use fold_in(model_key, r))
 
 
@@ -150,114 +158,6 @@ class APGDConfig:
 # 100 iterations, 9 targets, 1 restart each. Pass norm= via dataclasses.replace.
 APGD_CE = APGDConfig(loss="ce")
 APGD_T = APGDConfig(loss="dlr-targeted", n_target_classes=9)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The checkpoint schedule
-# ----------------------------------------------------------------------------------------------------
-
-
-def checkpoints(n_iter: int) -> tuple:
-    """``(w_0 = 0, w_1, w_2, ...)``: the iteration counts after which the step size is checked, as
-    the original code computes them: first window ``max(int(0.22 N), 1)``, each next window shorter
-    by ``max(int(0.03 N), 1)`` but at least ``max(int(0.06 N), 1)``, while ``w_j <= N``.
-
-    N = 100: (0, 22, 41, 57, 70, 80, 87, 93, 99).
-    """
-    first = max(int(0.22 * n_iter), 1)
-    shortest = max(int(0.06 * n_iter), 1)
-    shrink = max(int(0.03 * n_iter), 1)
-    out, window = [0], first
-    while out[-1] + window <= n_iter:
-        out.append(out[-1] + window)
-        window = max(window - shrink, shortest)
-    return tuple(out)
-
-
-def paper_checkpoints(n_iter: int) -> tuple:
-    """The paper's schedule in exact arithmetic: ``w_j = ceil(p_j N)`` for ``p_j <= 1`` with
-    ``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (repeats dropped).
-    For reference and comparison; :func:`checkpoints` is what runs."""
-    p_prev, p = Fraction(0), Fraction(22, 100)
-    out = [0]
-    while p <= 1:
-        w = math.ceil(p * n_iter)
-        if w > out[-1]:
-            out.append(w)
-        p_prev, p = p, p + max(p - p_prev - Fraction(3, 100), Fraction(6, 100))
-    return tuple(out)
-
-
-def _check_arrays(n_iter: int, rho: float):
-    """Per iteration i (which computes x(i+1)): is (i+1) a checkpoint, and the condition-1 threshold
-    ``rho * (w_j - w_{j-1})`` there (float32, as the code's tensor comparison)."""
-    w = checkpoints(n_iter)
-    is_check = np.zeros(n_iter, bool)
-    threshold = np.zeros(n_iter, np.float32)
-    for lo, hi in zip(w[:-1], w[1:]):
-        is_check[hi - 1] = True
-        threshold[hi - 1] = np.float32(rho * (hi - lo))
-    return is_check, threshold
-
-
-# ----------------------------------------------------------------------------------------------------
-# Losses
-# ----------------------------------------------------------------------------------------------------
-
-
-def _float(z):
-    return z.astype(jnp.promote_types(z.dtype, jnp.float32))
-
-
-def _take(z, idx):
-    return jnp.take_along_axis(z, jnp.asarray(idx)[:, None], axis=1)[:, 0]
-
-
-def ce_loss(logits, y):
-    """Per-example cross-entropy ``-log softmax(z)_y``, shape (N,)."""
-    z = _float(logits)
-    return -_take(jax.nn.log_softmax(z, axis=1), y)
-
-
-def dlr_loss(logits, y):
-    """Untargeted DLR: ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)``, shape (N,).
-
-    ``z_pi1 >= z_pi2 >= ...`` are the sorted logits (needs at least 3 classes)."""
-    z = _float(logits)
-    if z.shape[1] < 3:
-        raise ValueError(f"the DLR loss needs at least 3 classes, the model has {z.shape[1]}")
-    s = jnp.sort(z, axis=1)
-    others = jnp.where(jax.nn.one_hot(y, z.shape[1], dtype=bool), -jnp.inf, z)
-    return -(_take(z, y) - jnp.max(others, axis=1)) / (s[:, -1] - s[:, -3] + DLR_EPS)
-
-
-def targeted_dlr_loss(logits, y, target):
-    """Targeted DLR (APGD-T): ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)``, shape (N,)
-    (needs at least 4 classes)."""
-    z = _float(logits)
-    if z.shape[1] < 4:
-        raise ValueError(f"the targeted DLR loss needs at least 4 classes, the model has {z.shape[1]}")
-    s = jnp.sort(z, axis=1)
-    return -(_take(z, y) - _take(z, target)) / (s[:, -1] - 0.5 * (s[:, -3] + s[:, -4]) + DLR_EPS)
-
-
-def apgd_loss(logits, y, loss: str, target=None):
-    """The per-example loss of ``loss`` (``ce``, ``dlr``, ``dlr-targeted``)."""
-    if loss == "ce":
-        return ce_loss(logits, y)
-    if loss == "dlr":
-        return dlr_loss(logits, y)
-    return targeted_dlr_loss(logits, y, target)
-
-
-def top_targets(logits, n: int):
-    """(N, n) int: the classes ranked 2nd .. (n+1)-th by logit (AutoAttack's APGD-T targets,
-    ``sort(z)[-k]`` for ``k = 2 .. n + 1``)."""
-    k = logits.shape[1]
-    if n > k - 1:
-        raise ValueError(f"APGD-T with n_target_classes={n} needs at least {n + 1} classes, the model has {k}")
-    order = jnp.argsort(-_float(logits), axis=1)
-    return order[:, 1:n + 1]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,65 +226,6 @@ def random_start(key, x0, eps, norm: str, index=None, clip: Optional[tuple] = (0
     if clip is not None:
         x = jnp.clip(x, clip[0], clip[1])
     return x
-
-
-# ----------------------------------------------------------------------------------------------------
-# The step-size controller (conditions 1 and 2), a pure function of the loss sequence
-# ----------------------------------------------------------------------------------------------------
-
-
-class Controller(NamedTuple):
-    """Per-example state of the checkpoint logic."""
-
-    increases: jax.Array  # #{f(x(i+1)) > f(x(i))} since the last checkpoint
-    last_loss: jax.Array  # f of the latest iterate (0 before the first: the code's zero history)
-    best_loss: jax.Array  # f(x_max)
-    best_at_check: jax.Array  # f(x_max) at the last checkpoint (f(x(0)) before the first)
-    halved_at_check: jax.Array  # the step was halved at the last checkpoint (True before the first)
-
-
-def controller_init(loss0) -> Controller:
-    """The state after evaluating the start x(0) with loss ``loss0`` (N,)."""
-    return Controller(jnp.zeros(loss0.shape, jnp.int32), jnp.zeros_like(loss0), loss0, loss0,
-                      jnp.ones(loss0.shape, bool))
-
-
-def controller_update(state: Controller, loss, is_check, threshold, count_increase=True):
-    """One iteration: ``loss`` = f(x(i+1)). Returns ``(state, halve, improved)``: ``improved``: x(i+1)
-    is the new x_max (strictly higher loss); ``halve``: halve the step and restart from x_max (only
-    at a checkpoint; condition 1 or 2 of the module docstring)."""
-    increased = jnp.logical_and(loss > state.last_loss, count_increase)
-    increases = state.increases + increased.astype(jnp.int32)
-    improved = loss > state.best_loss
-    best = jnp.where(improved, loss, state.best_loss)
-    cond1 = increases.astype(jnp.float32) <= threshold
-    cond2 = jnp.logical_and(jnp.logical_not(state.halved_at_check), state.best_at_check >= best)
-    halve = jnp.logical_and(is_check, jnp.logical_or(cond1, cond2))
-    new = Controller(
-        increases=jnp.where(is_check, 0, increases),
-        last_loss=loss,
-        best_loss=best,
-        best_at_check=jnp.where(is_check, best, state.best_at_check),
-        halved_at_check=jnp.where(is_check, halve, state.halved_at_check),
-    )
-    return new, halve, improved
-
-
-def halving_decisions(losses, loss0, n_iter: int, rho: float = 0.75):
-    """The controller run over a given loss sequence: ``losses`` (n_iter, N) = f(x(1)) .. f(x(N)),
-    ``loss0`` (N,) = f(x(0)). Returns (n_iter, N) bool: the step is halved after iteration i.
-    (In a real run the losses after a halving depend on it; this isolates the decision rule.)"""
-    is_check, threshold = _check_arrays(n_iter, rho)
-
-    def body(state, xs):
-        loss, c, t, i = xs
-        state, halve, _ = controller_update(state, loss, c, t, count_increase=(i > 0) | (n_iter > 1))
-        return state, halve
-
-    losses = jnp.asarray(losses)
-    _, halves = jax.lax.scan(body, controller_init(jnp.asarray(loss0, losses.dtype)),
-                             (losses, jnp.asarray(is_check), jnp.asarray(threshold), jnp.arange(n_iter)))
-    return halves
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free
 attacks" (ICML 2020), as its authors' code runs it (``autoattack/autoattack.py`` of fra31/auto-attack,
-``run_standard_evaluation`` and ``set_version``; ``../shared/spec/attacks.md``). The attacks are
+``run_standard_evaluation`` and ``set_version``). The attacks are
 :mod:`~advalign_jax.attacks.apgd`, :mod:`~advalign_jax.attacks.fab` and
 :mod:`~advalign_jax.attacks.square`.
 
@@ -55,7 +55,7 @@ Random draws: stage ``s`` draws from ``fold_in(key, s)`` and each example from i
 (the authors seed every attack with the same fixed seed and draw per batch). Everything except the
 checks that call the model several times is traceable: ``jax.jit`` compiles a whole cascade.
 
-Checked (``tests/test_autoattack.py``): the versions against the authors' ``set_version``; the
+Checked (``tests/attacks/test_autoattack.py``): the versions against the authors' ``set_version``; the
 standard cascade against the authors' four attacks as torchattacks 3.5.1 ports them, run as a cascade
 on the same float64 model with our random draws fed to them, on a model where every stage breaks
 points: the same stage breaks the same points; a gradient-masking model (a linear model on quantised
@@ -72,7 +72,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advalign_jax.attacks.apgd import CLEAN_DRAW, L2, LINF, APGDConfig, apgd, ce_loss
+from advalign_jax.attacks.apgd import CLEAN_DRAW, L2, LINF, APGDConfig, apgd
+from advalign_jax.attacks.apgd_losses import ce_loss
 from advalign_jax.attacks.fab import FABConfig, fab
 from advalign_jax.attacks.square import SquareConfig, square
 

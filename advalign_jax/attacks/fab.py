@@ -58,7 +58,7 @@ misclassified point within distance eps of it, and keeps the first such run's po
 run breaks, and points the model already misclassifies, are returned unchanged (success True for the
 latter, as for APGD).
 
-Checked (``tests/test_fab.py``) against the authors' code as torchattacks 3.5.1 ports it, in
+Checked (``tests/attacks/test_fab.py``) against the authors' code as torchattacks 3.5.1 ports it, in
 float64 on small models with the same weights: the projections on random hyperplanes, every iterate
 of FAB-T and of untargeted FAB, and the returned points of the full attack; and the step quantities
 on hand-worked examples. (torchattacks' own AutoAttack wrapper runs FAB with 10 iterations; the
@@ -74,12 +74,13 @@ one forward pass and the full Jacobian, one vector-Jacobian product per class (u
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
-from advalign_jax.attacks.apgd import L2, LINF, _per_example, lp_norm, random_start, top_targets
+from advalign_jax.attacks.apgd import L2, LINF, _per_example, lp_norm, random_start
+from advalign_jax.attacks.apgd_losses import top_targets
 
 SMALL_W = 1e-8  # L2 projection: coordinates with |w| below this do not move (the authors' threshold)
 DIST_EPS = 1e-12  # |df| / (||dg||_q + 1e-12)
@@ -125,10 +126,8 @@ class FABConfig:
         return self.n_restarts * (self.n_target_classes if self.targeted else 1)
 
 
-# AutoAttack "standard": FAB-T, 100 iterations, 9 targets, 1 restart; "plus": untargeted FAB with 5
-# restarts (and FAB-T). Pass norm= via dataclasses.replace.
+# AutoAttack "standard": FAB-T, 100 iterations, 9 targets, 1 restart. Pass norm= via dataclasses.replace.
 FAB_T = FABConfig(targeted=True)
-FAB_PLUS = FABConfig(n_restarts=5)
 
 
 # ----------------------------------------------------------------------------------------------------

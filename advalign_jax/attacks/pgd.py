@@ -1,7 +1,8 @@
 """Projected gradient descent (PGD) under L2 and Linf, compiled and batched, with per-example radii.
 
-Conventions (``../shared/spec/attacks.md``; Madry et al. 2018 and the Madry lab's ``robustness``
-library unless stated):
+Conventions (Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018,
+and the Madry lab's ``robustness`` library, MadryLab/robustness ``robustness/attack_steps.py`` and
+``robustness/attacker.py``, unless stated):
 
 - **Step**: L2 ``x <- x + a * g / (||g||_2 + 1e-10)`` per example; Linf ``x <- x + a * sign(g)``;
   ``g`` is the gradient of the per-example loss w.r.t. the input. ``a`` is absolute, or ``a * eps``

@@ -1,8 +1,9 @@
 """The smallest attack that flips a decision: the reference protocol and a generic search, vectorised.
 
-**Reference protocol** (the adversarial-alignment study; ``../shared/spec/adversarial_alignment.md``,
-checked against the study's published notebook), per image, with a deterministic attack
-``A(x, eps)``:
+**Reference protocol** (the adversarial-alignment study, Linsley, Feng et al. 2023, checked against its
+published notebook, serre-lab/Adversarial-Alignment
+``adversarial_alignment/scripts/Adversarial_Alignment_PyTorch.ipynb``), per image, with a deterministic
+attack ``A(x, eps)``:
 
 1. images the model already misclassifies are skipped (``correct=False``);
 2. attack at ``gate_eps`` (10): not fooled -> no finite tolerance (``fooled=False``);

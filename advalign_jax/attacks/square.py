@@ -40,7 +40,7 @@ counts them).
 **Where this differs from the authors' code, and why**: their code draws one window position (and,
 Linf, one sign per channel) per iteration and uses it for the whole batch; here every example draws its
 own, from ``fold_in(key, index)``, so an example's result does not depend on its batch mates (for a
-batch of one the two coincide, which is how ``tests/test_square.py`` compares them step by step: the
+batch of one the two coincide, which is how ``tests/attacks/test_square.py`` compares them step by step: the
 same draws fed to both). Window positions are drawn, as in their code, from ``{0, ..., h - s - 1}``
 (the last position is never used unless ``s = h``). Points the attack does not break are returned
 unchanged, as by their code.
@@ -65,8 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advalign_jax.attacks.apgd import L2, LINF, NORMALISE_EPS, _per_example, _take
-from advalign_jax.attacks.apgd import ce_loss
+from advalign_jax.attacks.apgd import L2, LINF, NORMALISE_EPS, _per_example
+from advalign_jax.attacks.apgd_losses import _take, ce_loss
 
 LOSSES = ("margin", "ce")
 SCHEDULE = ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32), (4000, 64), (6000, 128), (8000, 256))

@@ -9,6 +9,7 @@
 TensorFlow is imported lazily with accelerators hidden (:mod:`tf_env`).
 """
 
+import glob as _glob
 import os as _os
 
 EMBEDDED_DIR = _os.path.join(_os.path.dirname(__file__), "embedded")
@@ -16,6 +17,4 @@ EMBEDDED_DIR = _os.path.join(_os.path.dirname(__file__), "embedded")
 
 def embedded_files(split: str = "val") -> list:
     """Paths of the embedded synthetic ClickMe shards of ``split`` ('val' or 'train')."""
-    import glob  # pylint: disable=import-outside-toplevel
-
-    return sorted(glob.glob(_os.path.join(EMBEDDED_DIR, f"{split}-*.tfrecords")))
+    return sorted(_glob.glob(_os.path.join(EMBEDDED_DIR, f"{split}-*.tfrecords")))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from advalign_jax.data.reader import ReaderConfig
+from advalign_jax.data.reader_config import ReaderConfig
 
 
 def data_block(files=(), batch_size: int = 32, mode: str = "eval", heatmap_pipeline: str = "harmonization",

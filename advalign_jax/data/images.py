@@ -8,8 +8,9 @@
 - ``digits``: scikit-learn's bundled 8x8 handwritten digits (1797 images, shipped with the package,
   works offline), as 3-channel images in [0, 1] upsampled to 16x16 (nearest), split 80/20 by a fixed
   permutation;
-- ``toy2d``: the PAG toy experiment's points (``../shared/spec/pag.md``): six Gaussian modes of std 1
-  along ``x1`` on the line ``x2 = 2 x1``, class 0 centred at ``x1 = -50, -10, 30`` and class 1 at
+- ``toy2d``: the points of the 2-D toy experiment of PAG (Ganz, Kawar, Elad, "Do Perceptually Aligned
+  Gradients Imply Robustness?", ICML 2023): six Gaussian modes of std 1 along ``x1`` on the line
+  ``x2 = 2 x1``, class 0 centred at ``x1 = -50, -10, 30`` and class 1 at
   ``-30, 10, 50``; 1000 training and 100 test points per mode (6000 / 600);
 - ``synthetic``: synthetic ClickMe images (:mod:`advalign_jax.data.synthetic`) at 32 px, 10 classes.
 
@@ -22,6 +23,8 @@ from typing import Optional
 
 import numpy as np
 
+from advalign_jax.data import synthetic
+from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import ConfigError, DataError
 
 TOY_CENTRES = {0: (-50.0, -10.0, 30.0), 1: (-30.0, 10.0, 50.0)}
@@ -43,7 +46,7 @@ def toy2d(split: str = "train", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def digits(split: str = "train", size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled digits as (N, size, size, 3) float32 in [0, 1]; 80/20 split."""
     try:
-        from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+        from sklearn.datasets import load_digits  # heavy import, needed only by the 'digits' source
     except ImportError:
         raise ConfigError("the 'digits' source needs scikit-learn (pip install scikit-learn)") from None
     data = load_digits()
@@ -57,8 +60,6 @@ def digits(split: str = "train", size: int = 16) -> tuple[np.ndarray, np.ndarray
 
 
 def synthetic_images(split: str = "train", size: int = 32, num: Optional[int] = None):
-    from advalign_jax.data import synthetic  # pylint: disable=import-outside-toplevel
-
     num = num or (2000 if split == "train" else 500)
     spec = synthetic.SynthSpec(size=size, seed=0 if split == "train" else 1, cue="none")
     examples = [synthetic.make_example(i, spec) for i in range(num)]
@@ -68,10 +69,8 @@ def synthetic_images(split: str = "train", size: int = 32, num: Optional[int] = 
 
 def tfds_arrays(name: str, split: str, data_dir: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
     """A prepared TFDS dataset split as arrays (images scaled to [0, 1])."""
-    from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
     import_tf()
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # heavy import, needed only by 'tfds:' sources (after import_tf)
 
     try:
         builder = tfds.builder(name, data_dir=data_dir or None)

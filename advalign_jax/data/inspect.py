@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from advalign_jax.data import reader as reader_lib
-from advalign_jax.data import records
+from advalign_jax.data import records, shards
 from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import DataError
 
@@ -53,10 +53,10 @@ def scan(files: Sequence[str], num_classes: int = 1000, encoding: str = "auto",
          skip_bad_records: bool = False, batch_size: int = 256) -> ShardReport:
     """Reads every record of ``files`` (patterns allowed) and tallies encodings, shapes and labels."""
     tf = import_tf()
-    paths = reader_lib.resolve_files(files, key="FILES")
+    paths = shards.resolve_files(files, key="FILES")
     counts, damaged = [], {}
     for p in paths:
-        n, problem = reader_lib.count_records(p, skip_damaged=skip_bad_records)
+        n, problem = shards.count_records(p, skip_damaged=skip_bad_records)
         counts.append(n)
         if problem:
             damaged[p] = problem
@@ -89,7 +89,7 @@ def scan(files: Sequence[str], num_classes: int = 1000, encoding: str = "auto",
         except StopIteration:
             break
         except tf.errors.OpError as err:
-            where = reader_lib.locate_bad_record(paths, num_classes, encoding)
+            where = shards.locate_bad_record(paths, num_classes, encoding)
             raise DataError(where or err.message.splitlines()[0]) from None
         seen += len(b["status"])
         for k in range(len(b["status"])):
@@ -118,10 +118,10 @@ def scan(files: Sequence[str], num_classes: int = 1000, encoding: str = "auto",
 def save_grid(files: Sequence[str], out_png: str, num: int = 16, num_classes: int = 1000,
               encoding: str = "auto", skip_bad_records: bool = False, columns: int = 8) -> str:
     """A PNG of the first ``num`` records after the reference preprocessing: images and their maps."""
-    import matplotlib  # pylint: disable=import-outside-toplevel
+    import matplotlib  # heavy import, needed only to draw the grid
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    import matplotlib.pyplot as plt  # after choosing the Agg backend (no display)
 
     cfg = reader_lib.ReaderConfig(files=tuple(files), batch_size=num, num_classes=num_classes,
                                   encoding=encoding, skip_bad_records=skip_bad_records)

@@ -1,13 +1,14 @@
 """ClickMe preprocessing, exactly as the reference loader does it (TensorFlow ops, run in tf.data).
 
-Reference: the ``harmonization`` 0.0.9 package, ``common/blur.py`` and
-``common/clickme_dataset.py::parse_clickme_prototype``; semantics in ``../shared/spec/clickme.md``.
+Reference: the ``harmonization`` 0.0.9 package (serre-lab/Harmonization), ``harmonization/common/blur.py``
+and ``harmonization/common/clickme_dataset.py::parse_clickme_prototype``.
 
 - image: float32, resized to 224x224 by bilinear interpolation with half-pixel centres and no
   antialiasing (TF2 ``tf.image.resize``), values unchanged (0..255);
 - heatmap: resized to 64x64 (bilinear), blurred by a 10x10 Gaussian of sigma 10 with TF "SAME"
   padding, resized to 224x224 (bilinear); not normalised. The adversarial-alignment study instead
-  uses the map as stored (:func:`heatmap_as_stored`).
+  uses the map as stored (:func:`heatmap_as_stored`; serre-lab/Adversarial-Alignment,
+  ``adversarial_alignment/scripts/dataset.py``).
 
 The training-time variant of the lab's older code adds per-map min-max normalisation and the same
 random-resized crop and horizontal flip applied to image and map (:func:`random_resized_crop_flip`).

@@ -1,6 +1,9 @@
 """The ClickMe record: schema, the two real byte encodings, encoding detection and validation.
 
-Every ClickMe record is a ``tf.train.Example`` with three features (``../shared/spec/clickme.md``):
+Every ClickMe record is a ``tf.train.Example`` with three features, as the two public readers parse
+them: serre-lab/Harmonization ``harmonization/common/clickme_dataset.py`` (``FEATURE_DESCRIPTION``,
+JPEG bytes) and serre-lab/Adversarial-Alignment ``adversarial_alignment/scripts/dataset.py`` (raw
+float32 bytes, 224x224):
 
 ==========  =======  ==================================================================
 key         type     meaning

@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from advalign_jax.data import writer
+from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import DataError
 
 NHWC, NCHW, AUTO = "nhwc", "nchw", "auto"
@@ -172,7 +174,7 @@ def _load_array(path: str, what: str):
                 labels = z["labels"] if "labels" in z else None
                 return z["data"], layout, labels
         if ext == ".pt":  # the official release (torch.save of a tensor)
-            import torch  # pylint: disable=import-outside-toplevel
+            import torch  # optional: only to read the official .pt files
 
             return torch.load(path, map_location="cpu", weights_only=True).numpy(), None, None
     except (OSError, ValueError, RuntimeError, EOFError, KeyError, zipfile.BadZipFile) as err:
@@ -242,8 +244,6 @@ RECORD_KEYS = ("image", "targets", "image_shape", "num_classes", "label", "index
 
 def encode_target_record(image, targets, label: int = -1, index: int = 0) -> bytes:
     """One serialized record of the schema above."""
-    from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
     tf = import_tf()
     image = np.asarray(image, "<f4")
     targets = np.asarray(targets, "<f4")
@@ -262,8 +262,6 @@ def write_target_records(out_dir: str, prefix: str, images, targets, labels=None
                          num_shards: int = 1, overwrite: bool = False) -> list:
     """Writes ``{prefix}-{i}.tfrecords`` shards (record j to shard ``j % num_shards``, atomically:
     :func:`advalign_jax.data.writer.write_shards`). Returns the paths."""
-    from advalign_jax.data import writer  # pylint: disable=import-outside-toplevel
-
     images, targets = np.asarray(images, np.float32), np.asarray(targets, np.float32)
     n = len(images)
     if targets.shape[0] != n or targets.shape[2:] != images.shape[1:]:
@@ -277,8 +275,6 @@ def write_target_records(out_dir: str, prefix: str, images, targets, labels=None
 
 
 def _decode_record(serialized: bytes, where: str, num_classes, image_shape):
-    from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
     tf = import_tf()
     try:
         feats = tf.train.Example.FromString(serialized).features.feature
@@ -324,8 +320,6 @@ def iter_target_records(paths: Sequence[str] | str, batch_size: int = 256, num_c
     """Streams validated records as dicts of NumPy batches ``image`` (B, ...), ``targets`` (B, C, ...),
     ``label`` (B,), ``index`` (B,) (file order; the last batch may be smaller). Every record is checked;
     the first bad one is one :class:`DataError` line naming the file and the record."""
-    from advalign_jax.data.tf_env import import_tf  # pylint: disable=import-outside-toplevel
-
     tf = import_tf()
     paths = [paths] if isinstance(paths, str) else list(paths)
     buf = []

@@ -48,7 +48,7 @@ def import_tf():
     # the input pipeline and the reference comparisons use TF's own kernels.
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     with _captured_stderr():
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        import tensorflow as tf  # lazy on purpose: accelerators are hidden from it right below
 
         held = []
         for kind in ("GPU", "TPU"):

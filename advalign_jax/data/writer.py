@@ -8,14 +8,10 @@ leaves no half-written shard behind.
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
-import numpy as np
-
-from advalign_jax.data import records
 from advalign_jax.data.tf_env import import_tf
-from advalign_jax.errors import DataError
-from advalign_jax.store import OutputError, output_error
+from advalign_jax.errors import DataError, OutputError, output_error
 
 
 def shard_paths(out_dir: str, prefix: str, num_shards: int) -> list[str]:
@@ -70,12 +66,3 @@ def write_shards(out_dir: str, prefix: str, num_shards: int, num_records: int,
         raise
     return paths
 
-
-def write_arrays(out_dir: str, prefix: str, images: Sequence[np.ndarray], heatmaps: Sequence[np.ndarray],
-                 labels: Sequence[int], encoding: str, num_shards: int = 1, overwrite: bool = False) -> list[str]:
-    """Writes in-memory arrays (images (H, W, 3), maps (H, W), values 0..255) as ClickMe shards."""
-    if not len(images) == len(heatmaps) == len(labels):
-        raise DataError(f"got {len(images)} images, {len(heatmaps)} maps and {len(labels)} labels")
-    return write_shards(out_dir, prefix, num_shards, len(images),
-                        lambda i: records.encode_example(images[i], heatmaps[i], int(labels[i]), encoding),
-                        overwrite=overwrite)

@@ -1,8 +1,8 @@
 """The neural harmonizer's loss (Fel, Felipe, Linsley, Serre, NeurIPS 2022), as small pure functions.
 
-Reference: the ``harmonization`` 0.0.9 package, ``training/loss.py`` and ``training/pyramid.py``;
-semantics in ``../shared/spec/harmonization.md``. The tests compare every function, the full loss and
-its parameter gradient with that package's TensorFlow code.
+Reference: the ``harmonization`` 0.0.9 package (PyPI; serre-lab/Harmonization),
+``harmonization/training/loss.py`` and ``harmonization/training/pyramid.py``. The tests compare every
+function, the full loss and its parameter gradient with that package's TensorFlow code.
 
 For images x, labels y, human maps phi (N, H, W) and tokens t (N,):
 

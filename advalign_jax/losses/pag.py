@@ -1,8 +1,9 @@
 """Perceptually aligned gradients (PAG) training loss (Ganz, Kawar, Elad, ICML 2023), as pure functions.
 
-Semantics: ``../shared/spec/pag.md``. Reference: the official ``royg27/PAG-ROB`` code,
-``TRAIN_CIFAR10.py`` (PyTorch 1.13); ``tests/references/torch_pag_reference.py`` re-implements that loss and
-``tests/test_pag_loss.py`` compares it with this module (value and parameter gradient).
+Paper: "Do Perceptually Aligned Gradients Imply Robustness?"; reference code: the official
+royg27/PAG-ROB, ``TRAIN_CIFAR10.py`` (PyTorch 1.13). ``tests/references/torch_pag_reference.py``
+re-implements that loss and ``tests/losses/test_pag_loss.py`` compares it with this module (value and
+parameter gradient).
 
 For images x (N, ...), labels y, target classes c_{n,k} (N, K) and target gradients g(x_n, c) ::
 
@@ -13,7 +14,7 @@ For images x (N, ...), labels y, target classes c_{n,k} (N, K) and target gradie
     L        = mean_n CE(f(x_n), y_n) + weight * align                    (pag_loss)
 
 The loss is differentiated w.r.t. the parameters through ``a`` (double backprop), in one of two
-orders (``differentiation``; both give the same loss and gradient, ``tests/test_pag_loss.py``):
+orders (``differentiation``; both give the same loss and gradient, ``tests/losses/test_pag_loss.py``):
 
 - ``'reverse_over_reverse'``: ``a`` is a VJP of the forward pass and the trainer's reverse-mode
   gradient goes back through that VJP;
@@ -65,14 +66,11 @@ Forward-pass semantics (``semantics``):
   (first from the N CE images, then from the N*K replicated ones).
 
 The two coincide exactly for models without batch-coupling layers (or in inference mode); with
-training-mode BatchNorm they differ only through the batch statistics (``tests/test_pag_loss.py``).
+training-mode BatchNorm they differ only through the batch statistics (``tests/losses/test_pag_loss.py``).
 
-Augmentation: the official code draws one random crop (padding 4) and one flip per call of
-``aug(...)`` (torchvision transforms applied to a 4-D tensor transform the whole batch alike), applies
-a fresh draw to the replicated batch, and differentiates w.r.t. the **un-augmented** replicated images,
-i.e. through the crop and the flip; the gradient thus lives in the frame of the stored target (and is
-zero on the pixels cropped away). :func:`crop_flip` is that augmentation as a differentiable function
-of the images; :func:`pag_loss` applies an ``augment(key, images)`` inside the differentiated function.
+Augmentation: :func:`pag_loss` applies an ``augment(key, images)`` inside the differentiated function,
+so the input-gradients are taken w.r.t. the un-augmented images, as the official code does; the
+official crop-and-flip is :mod:`advalign_jax.losses.pag_augment` (:func:`make_crop_flip`).
 """
 
 from __future__ import annotations
@@ -84,6 +82,14 @@ import jax
 import jax.numpy as jnp
 
 from advalign_jax.errors import ConfigError
+from advalign_jax.losses.pag_augment import crop_flip, make_crop_flip, sample_crop_flip
+
+# The public names of the PAG loss, its augmentation included.
+__all__ = ["DIFFERENTIATIONS", "EPS", "GRAD_SCALES", "OFFICIAL_FACTOR", "PAGConfig", "REDUCTIONS", "SEMANTICS",
+           "alignment_term", "class_input_gradients", "cosine_similarity", "crop_flip", "cross_entropy",
+           "gather_targets", "grad_scale_value", "linearized_input_gradients", "make_crop_flip", "pag_loss",
+           "pair_cosines", "replicate", "replicated_class_input_gradients", "reverse_over_forward_term",
+           "sample_crop_flip", "select_classes"]
 
 EPS = 1e-8
 REDUCTIONS = ("mean", "sum")
@@ -326,52 +332,6 @@ def cross_entropy(logits, labels):
 
 def grad_scale_value(cfg: PAGConfig, num_images: int, num_targets: int) -> float:
     return 1.0 / (num_images * num_targets) if cfg.grad_scale == "mean" else 1.0
-
-
-# ----------------------------------------------------------------------------------------------------
-# Augmentation (differentiable in the images)
-# ----------------------------------------------------------------------------------------------------
-
-
-def crop_flip(x, offsets, flips, padding: int = 4, fill: float = 0.0):
-    """Pad-and-crop then horizontal flip of NHWC images, linear in ``x`` (so gradients flow back to the
-    un-augmented frame).
-
-    ``x_pad = pad(x, padding, constant fill)``; ``out = x_pad[i:i+H, j:j+W]`` with ``(i, j) = offsets``
-    (per image (N, 2), or (2,) for the whole batch); then ``out[:, :, ::-1]`` where ``flips`` (per image
-    (N,) or a scalar). torchvision's ``RandomCrop(32, padding=4)`` + ``RandomHorizontalFlip()``. The
-    official images are in [-1, 1] and pad with 0, i.e. ``fill=0.5`` for images in [0, 1].
-    """
-    n, h, w, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)), constant_values=fill)
-    offsets = jnp.broadcast_to(jnp.asarray(offsets, jnp.int32), (n, 2))
-    flips = jnp.broadcast_to(jnp.asarray(flips, bool), (n,))
-
-    def one(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], jnp.zeros((), off.dtype)), (h, w, c))
-
-    out = jax.vmap(one)(xp, offsets)
-    return jnp.where(flips[:, None, None, None], out[:, :, ::-1], out)
-
-
-def sample_crop_flip(key, num_images: int, padding: int = 4, per_example: bool = True):
-    """Random ``(offsets, flips)`` for :func:`crop_flip`: offsets uniform in ``0..2*padding``, flip with
-    probability 1/2; per image, or (``per_example=False``) one draw for the whole batch as torchvision
-    does on a 4-D tensor (the official code)."""
-    k1, k2 = jax.random.split(key)
-    m = num_images if per_example else 1
-    offsets = jax.random.randint(k1, (m, 2), 0, 2 * padding + 1)
-    flips = jax.random.bernoulli(k2, 0.5, (m,))
-    return jnp.broadcast_to(offsets, (num_images, 2)), jnp.broadcast_to(flips, (num_images,))
-
-
-def make_crop_flip(padding: int = 4, fill: float = 0.0, per_example: bool = True) -> Callable:
-    """``augment(key, x)``: :func:`crop_flip` with a fresh random draw, for :func:`pag_loss`."""
-    def augment(key, x):
-        offsets, flips = sample_crop_flip(key, x.shape[0], padding, per_example)
-        return crop_flip(x, offsets, flips, padding, fill)
-
-    return augment
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Target gradients ``g(x, y_t)`` for PAG training (Ganz, Kawar, Elad, ICML 2023; ``../shared/spec/pag.md``).
+"""Target gradients ``g(x, y_t)`` for PAG training (Ganz, Kawar, Elad, "Do Perceptually Aligned Gradients
+Imply Robustness?", ICML 2023; the official code, royg27/PAG-ROB, reads them precomputed).
 
 Sources, each returning targets of shape (N, C, *image_shape), one per class:
 
@@ -15,8 +16,9 @@ Sources, each returning targets of shape (N, C, *image_shape), one per class:
 Frames: the project's images are NHWC in [0, 1]; the official code's are in [-1, 1]. The targets are
 directions compared by a cosine, and ``x_[0,1] = (x_[-1,1] + 1) / 2`` is an increasing affine map, so a
 target gradient keeps its direction in either frame: convert the images
-(:func:`advalign_jax.data.target_files.rescale_images`), never the targets. (A heuristic ``r - x`` is the same direction in both frames; CM's rescaling is done about
-``center``, see :func:`class_mean_representatives`.)
+(:func:`advalign_jax.data.target_files.rescale_images`), never the targets. (A heuristic ``r - x`` is
+the same direction in both frames; CM's rescaling is done about ``center``, see
+:func:`class_mean_representatives`.)
 """
 
 from __future__ import annotations
