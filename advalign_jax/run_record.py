@@ -8,7 +8,8 @@ results afterwards, never what a result row or a checkpoint holds (``workdir``, 
 bootstrap of the summaries, a training run's ``total_steps``...). Any other difference is refused in one
 line naming the first differing key (:func:`check_resumable`). A key added to the configs after a
 workdir was written is accepted when the current value is the one that computes what that workdir
-computed (:data:`ADDED_KEYS`).
+computed (the ``added`` keys a job passes, e.g. the trainer's
+:data:`advalign_jax.training.checkpoints.ADDED_KEYS`).
 
 **The records**: an evaluation writes ``WORKDIR/config.json`` (the config without its changeable keys)
 and ``WORKDIR/models.json`` (each result name's checkpoint path and fingerprint,
@@ -21,15 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 from advalign_jax import store
 from advalign_jax.errors import AdvalignError
-
-# Config keys added after workdirs were written, each with the value that computes what such a workdir
-# computed: a saved config that lacks the key resumes when the current value is this one.
-ADDED_KEYS = {"objective.differentiation": "auto"}  # either order computes the same loss and gradient
-
 
 def plain(value):
     """JSON-plain nested dicts/lists of a value (a ConfigDict, a tuple, ...)."""
@@ -75,18 +71,26 @@ def _get(tree: dict, dotted: str, default=None):
     return tree
 
 
-def changed_keys(saved: dict, current: dict) -> list[str]:
-    """:func:`differences`, less the keys of :data:`ADDED_KEYS` that the saved config lacks and the
-    current one holds at their neutral value."""
-    return [k for k in differences(saved, current)
-            if not (k in ADDED_KEYS and _get(saved, k, _MISSING) is _MISSING
-                    and _get(current, k, _MISSING) == ADDED_KEYS[k])]
+def changed_keys(saved: dict, current: dict, added: Optional[dict] = None) -> list[str]:
+    """:func:`differences`, less those under a key of ``added`` (``{dotted key: value}``: keys added to
+    the configs after runs were recorded, each with the value that computes what those runs computed)
+    that the saved config lacks and the current one holds at that value."""
+    added = added or {}
+
+    def neutral(k: str) -> bool:
+        for a, value in added.items():
+            if (k == a or k.startswith(a + ".")) and _get(saved, a, _MISSING) is _MISSING:
+                return _get(current, a, _MISSING) == value
+        return False
+
+    return [k for k in differences(saved, current) if not neutral(k)]
 
 
-def check_resumable(saved: dict, current: dict, refuse: Callable[[str], str], limit: int = 1) -> None:
+def check_resumable(saved: dict, current: dict, refuse: Callable[[str], str], limit: int = 1,
+                    added: Optional[dict] = None) -> None:
     """Raises :class:`AdvalignError` with ``refuse(described differences)`` when the two configs differ
     anywhere (:func:`changed_keys`); ``limit``: how many differing keys the line names."""
-    changed = changed_keys(saved, current)
+    changed = changed_keys(saved, current, added)
     if changed:
         shown = "; ".join(first_difference(_get(saved, k), _get(current, k), k) for k in changed[:limit])
         more = f" and {len(changed) - limit} more" if len(changed) > limit else ""

@@ -14,15 +14,25 @@ and the Madry lab's ``robustness`` library, MadryLab/robustness ``robustness/att
                  Linf: ``clip(d, -eps, eps)``
   ``sphere``     L2: ``x = x0 + eps * d / ||d||``        the adversarial-alignment reference
   ``accumulate`` L2: ``x = x + eps * d / ||d||``         that reference before its last fix
+  ``renorm``     L2: ``d * eps / (||d|| + 1e-7)`` where   ``robustness``'s L2 projection,
+                 ``||d|| > eps`` (``torch.renorm``)     ``d.renorm(p=2, dim=0, maxnorm=eps)``
+  ``clip_renorm`` L2: clip ``x0 + d`` first, then        TRADES's L2 attack (``trades.py``)
+                 ``renorm``
   =============  =====================================  ====================================
 
-  then the result is clipped to the valid pixel range (``clip``; None = no clipping).
+  then the result is clipped to the valid pixel range (``clip``; None = no clipping; ``clip_renorm``
+  clips before its renorm instead).
 - **Random start**: ``none``; ``sphere`` (a Gaussian direction scaled to norm eps, the L2 start of
   ``robustness``); ``ball`` (uniform in the L2 ball, foolbox); ``box`` (uniform in
-  ``[-r, r]`` per pixel, the Linf start of ``robustness``; ``start_radius`` sets r, default eps).
+  ``[-r, r]`` per pixel, the Linf start of ``robustness``; ``start_radius`` sets r, default eps);
+  ``normal`` (``x0 + r N(0, I)``, r = ``start_radius``, not clipped: TRADES's ``x + 0.001 randn``).
 - **Loss**: per-example cross-entropy or the logit margin. Untargeted attacks ascend the loss of the
   true label; targeted attacks (``targeted=True``, ``y`` = target) descend the cross-entropy to the
-  target (margin: ascend ``z_t - max_{i!=t} z_i``).
+  target (margin: ascend ``z_t - max_{i!=t} z_i``). ``loss`` may also be a function ``(logits, y) ->
+  (N,)`` that the attack ascends (TRADES's KL to the clean prediction, with ``y`` what it needs).
+- **Zero gradients** (``zero_grad``): ``none`` (the step above); ``random`` (L2 only, TRADES's L2
+  attack: the step is ``a * g / ||g||`` exactly, and an example whose gradient is zero steps along a
+  ``N(0, I)`` draw instead, unnormalised, as ``trades.py`` does).
 - **Returned iterate**: the last, or with ``use_best=True`` the iterate of highest loss per example
   among all iterates (the random start and the final one included; strict improvement replaces), as
   ``robustness``'s ``use_best``.
@@ -45,8 +55,11 @@ import jax
 import jax.numpy as jnp
 
 L2, LINF = "l2", "linf"
-PROJECTIONS = ("ball", "sphere", "accumulate")
-STARTS = ("none", "sphere", "ball", "box")
+PROJECTIONS = ("ball", "sphere", "accumulate", "renorm", "clip_renorm")
+STARTS = ("none", "sphere", "ball", "box", "normal")
+ZERO_GRADS = ("none", "random")
+RENORM_EPS = 1e-7  # torch.renorm's: maxnorm / (norm + 1e-7)
+ZERO_GRAD_SALT = 0x5EED  # the zero-gradient draws' key: fold_in(key, salt), apart from the start's draws
 LOSSES = ("ce", "margin")
 GRAD_EPS = 1e-10
 
@@ -74,6 +87,7 @@ class PGDConfig:
     restarts: int = 1
     clip: Optional[tuple] = (0.0, 1.0)
     unroll: Optional[bool] = None  # unroll the step loop; None: when steps <= UNROLL_MAX_STEPS (module docstring)
+    zero_grad: str = "none"
 
     def __post_init__(self):
         if self.norm not in (L2, LINF):
@@ -81,11 +95,19 @@ class PGDConfig:
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         if self.norm == LINF and self.projection != "ball":
-            raise ValueError("the 'sphere' and 'accumulate' projections are L2 conventions; Linf uses 'ball'")
+            raise ValueError(f"the {self.projection!r} projection is an L2 convention; Linf uses 'ball'")
         if self.random_start not in STARTS:
             raise ValueError(f"random_start must be one of {STARTS}, got {self.random_start!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        if not callable(self.loss) and self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES} or a function (logits, y) -> (N,), got {self.loss!r}")
+        if callable(self.loss) and (self.restarts > 1 or self.targeted):
+            raise ValueError("a loss function is ascended as it is: no restarts, no targeted flag")
+        if self.zero_grad not in ZERO_GRADS:
+            raise ValueError(f"zero_grad must be one of {ZERO_GRADS}, got {self.zero_grad!r}")
+        if self.zero_grad == "random" and self.norm != L2:
+            raise ValueError("zero_grad='random' is TRADES's L2 convention")
+        if self.random_start == "normal" and not self.start_radius:
+            raise ValueError("random_start='normal' needs start_radius (the standard deviation)")
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         if self.step_size <= 0:
@@ -107,12 +129,15 @@ def l2_norm(d):
 
 
 def per_example_loss(logits, y, loss: str = "ce", targeted: bool = False):
-    """The loss each example's attack ascends (see module docstring), shape (N,)."""
+    """The loss each example's attack ascends (see module docstring), shape (N,); at least float32."""
+    if callable(loss):
+        return loss(logits, y)
     y = jnp.asarray(y)
+    dtype = jnp.promote_types(logits.dtype, jnp.float32)
     if loss == "ce":
-        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[:, None], axis=1)[:, 0]
+        ce = -jnp.take_along_axis(jax.nn.log_softmax(logits.astype(dtype)), y[:, None], axis=1)[:, 0]
         return -ce if targeted else ce
-    z = logits.astype(jnp.float32)
+    z = logits.astype(dtype)
     z_y = jnp.take_along_axis(z, y[:, None], axis=1)[:, 0]
     others = jnp.where(jax.nn.one_hot(y, z.shape[1], dtype=bool), -jnp.inf, z)
     margin = jnp.max(others, axis=1) - z_y
@@ -136,6 +161,11 @@ def project(x, x0, eps, norm: str, projection: str, clip: Optional[tuple]):
         safe = jnp.where(n > 0, n, 1.0)
         if projection == "ball":
             x = x0 + d * jnp.minimum(1.0, eps / safe)
+        elif projection == "renorm":
+            x = x0 + renorm(d, eps)
+        elif projection == "clip_renorm":  # TRADES: delta = clamp(x0 + delta, lo, hi) - x0, then renorm
+            d = (jnp.clip(x, clip[0], clip[1]) if clip is not None else x) - x0
+            return x0 + renorm(d, eps)
         elif projection == "sphere":
             x = jnp.where(n > 0, x0 + eps * d / safe, x)
         else:  # accumulate
@@ -145,10 +175,19 @@ def project(x, x0, eps, norm: str, projection: str, clip: Optional[tuple]):
     return x
 
 
+def renorm(d, eps):
+    """``torch.renorm(d, p=2, dim=0, maxnorm=eps)``: each example's ``d`` scaled by
+    ``eps / (||d|| + 1e-7)`` where ``||d|| > eps``, unchanged elsewhere."""
+    n = l2_norm(d)
+    return d * jnp.where(n > eps, eps / (n + RENORM_EPS), 1.0)
+
+
 def random_start(key, x0, eps, cfg: PGDConfig):
-    """The starting point of the module docstring (clipped)."""
+    """The starting point of the module docstring (clipped, but for ``normal``)."""
     if cfg.random_start == "none":
         return x0
+    if cfg.random_start == "normal":  # TRADES: x + 0.001 N(0, I), not clipped before the first step
+        return x0 + cfg.start_radius * jax.random.normal(key, x0.shape, x0.dtype)
     dim = x0[0].size
     if cfg.random_start == "box":
         r = eps if cfg.start_radius is None else _per_example(cfg.start_radius, x0)
@@ -185,18 +224,26 @@ def _single_run(logits_fn: Callable, x0, y, eps_b, key, cfg: PGDConfig):
         (g,) = vjp(jnp.ones_like(per))  # per-example gradients: examples are independent
         return per, g
 
-    def body(_, carry):
+    zero_key = jax.random.fold_in(key, ZERO_GRAD_SALT) if cfg.zero_grad == "random" else None
+
+    def body(i, carry):
         x, best_x, best_loss = carry
         loss_now, g = loss_and_grad(x)
         if cfg.use_best:  # the iterate before this step competes (the start included)
             better = loss_now > best_loss
             best_x = jnp.where(better.reshape(expand), x, best_x)
             best_loss = jnp.where(better, loss_now, best_loss)
-        x = project(step(x, g, a, cfg.norm), x0, eps_b, cfg.norm, cfg.projection, cfg.clip)
+        if zero_key is None:
+            moved = step(x, g, a, cfg.norm)
+        else:  # TRADES's L2 step: g / ||g|| exactly; a zero gradient replaced by a normal draw
+            n = l2_norm(g)
+            draw = jax.random.normal(jax.random.fold_in(zero_key, i), g.shape, g.dtype)
+            moved = x + a * jnp.where(n > 0, g / jnp.where(n > 0, n, 1.0), draw)
+        x = project(moved, x0, eps_b, cfg.norm, cfg.projection, cfg.clip)
         return x, best_x, best_loss
 
     x_start = random_start(key, x0, eps_b, cfg)
-    init = (x_start, x_start, jnp.full(x0.shape[:1], -jnp.inf, jnp.float32))
+    init = (x_start, x_start, jnp.full(x0.shape[:1], -jnp.inf, jnp.promote_types(x0.dtype, jnp.float32)))
     unroll = cfg.steps <= UNROLL_MAX_STEPS if cfg.unroll is None else bool(cfg.unroll)
     x, best_x, best_loss = jax.lax.fori_loop(0, cfg.steps, body, init, unroll=unroll)
     if not cfg.use_best:

@@ -280,10 +280,17 @@ def _rows_from_batch(name: str, out: dict, meta: dict, done: set, unfooled: str,
     return rows
 
 
-def _rows(config, name, host, meta, done):
-    if config.attack_domain == "minmax":
-        _check_groups(host, meta, int(config.minmax_group))
-    return _rows_from_batch(name, host, meta, done, config.search.unfooled, float(config.search.gate_eps))
+def _rows_fn(config):
+    """The per-image rows of a batch, with the config's values read once."""
+    group = int(config.minmax_group) if config.attack_domain == "minmax" else 0
+    unfooled, gate = config.search.unfooled, float(config.search.gate_eps)
+
+    def rows(name, host, meta, done):
+        if group:
+            _check_groups(host, meta, group)
+        return _rows_from_batch(name, host, meta, done, unfooled, gate)
+
+    return rows
 
 
 def task(config) -> clickme.Task:
@@ -298,7 +305,7 @@ def task(config) -> clickme.Task:
     return clickme.Task(
         per_image_columns=PER_IMAGE_COLUMNS, summary_columns=SUMMARY_COLUMNS,
         batch_fn=lambda model, has_cue: search_batch_fn(model, config, attack, search, has_cue),
-        rows=lambda name, host, meta, done: _rows(config, name, host, meta, done),
+        rows=_rows_fn(config),
         summarise=lambda name, rows, seconds: summarise(name, rows, seconds, boot),
         keep_picture=lambda host, k: bool(host["correct"][k] and host["fooled"][k]),
         plot_panels=plots.plot_panels, plot_summary=plots.plot_scatter, summary_figure="tolerance_vs_alignment.png",

@@ -32,7 +32,14 @@ from jax.experimental import multihost_utils
 
 from advalign_jax import faults, run_record, store
 from advalign_jax.errors import AdvalignError, os_error_in, output_error, quiet_library_errors
+from advalign_jax.training.config_blocks import adversarial_block
 
+# Config keys added after workdirs were written, each with the value that computes what such a workdir
+# computed (a checkpoint whose saved config lacks the key resumes when the current value is this one).
+ADDED_KEYS = {
+    "objective.differentiation": "auto",  # either order computes the same loss and gradient
+    "objective.adversarial": run_record.plain(adversarial_block()),  # only read by the adversarial objectives
+}
 # Keys that may change between a run and its resumption: they do not change what is computed.
 CHANGEABLE = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "workdir",
               "export_to", "num_devices", "distributed")
@@ -56,7 +63,7 @@ def check_meta(saved: dict, current: dict, path: str) -> None:
                                 f"{current.get(key)!r}; use another --config.workdir to start afresh")
     run_record.check_resumable(saved.get("config", {}), current["config"], lambda what: (
         f"{path} holds a run of another configuration ({what}); only {', '.join(CHANGEABLE)} may change on "
-        "resume; use another --config.workdir to start afresh"), limit=4)
+        "resume; use another --config.workdir to start afresh"), limit=4, added=ADDED_KEYS)
     saved_count = saved.get("process_count", 1)
     if saved_count != current.get("process_count", 1):
         raise AdvalignError(f"{path} was written by {saved_count} process(es) and this run has "

@@ -58,6 +58,29 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.augment_padding = 0  # crop with padding (and flip) inside the loss; 0: no augmentation
     block.augment_fill = 0.5
     block.per_example_augment = True
+    # adversarial training (objectives 'adversarial' and 'trades')
+    block.adversarial = adversarial_block()
+    for k, v in overrides.items():
+        block[k] = v
+    return block
+
+
+def adversarial_block(**overrides) -> ml_collections.ConfigDict:
+    """The attack inside an adversarial training step (objectives ``adversarial`` and ``trades``); the
+    defaults are the ``robustness`` library's CIFAR-10 L2 recipe at eps 0.5 (7 steps of eps / 5, no
+    random start, the best iterate) with TRADES's beta."""
+    block = ml_collections.ConfigDict()
+    block.constraint = "l2"  # 'l2' or 'linf'
+    block.eps = 0.5
+    block.step_size = 0.1  # absolute, in [0, 1] pixel units (the library's attack_lr)
+    block.steps = 7
+    block.random_start = False
+    block.use_best = True
+    block.attack_loss = "ce"  # 'ce' or 'margin' (the library's custom_adv_loss)
+    block.eps_warmup_steps = 0  # the radius grows linearly from 0 over these steps (custom_eps_multiplier)
+    block.beta = 6.0  # TRADES: weight of the KL term
+    block.regularizer = ""  # 'harmonizer' or 'pag': that objective's term on the clean input, added
+    block.regularizer_weight = 1.0
     for k, v in overrides.items():
         block[k] = v
     return block

@@ -25,14 +25,6 @@ import optax
 from advalign_jax.errors import ConfigError
 
 
-def path_names(tree) -> dict:
-    """``{'/'.join(path): leaf}`` of a parameter tree."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = leaf
-    return flat
-
-
 def decay_mask(params, exclude: Sequence[str]):
     """A tree of bools: True for parameters whose path contains none of the ``exclude`` substrings."""
     def keep(path, _):

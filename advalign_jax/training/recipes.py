@@ -1,6 +1,7 @@
 """The harmonization recipe of the released models, as a config builder (``configs/harmonize_*.py``).
 
-From ``../shared/spec/harmonization.md`` ("Training recipe of the released models"): SGD with Nesterov
+From the harmonization paper (Fel et al. 2022, "Harmonizing the object recognition strategies of deep
+neural networks with humans", its training section) and serre-lab/Harmonization's training code: SGD with Nesterov
 momentum 0.9; linear warm-up over 5 epochs, the rate x0.1 at epoch 30, x0.01 at 60, x0.001 at 80;
 global batch 1024 (256 for ViT); 224 px; ClickMe (token 1) and ImageNet (token 0, zero map) sampled
 20% / 80% with one random-resized crop and flip shared by image and map; min-max normalised maps;
@@ -74,37 +75,13 @@ def harmonization_recipe(arch: str, arg: str = "", batch_size: int = 1024, base_
     return c
 
 
-DOC_TEMPLATE = """The neural harmonizer recipe for {arch} (``advalign-jax train``); see
-:mod:`advalign_jax.training.recipes` for every value and where it comes from.
-
-Commands. One GPU node (all local GPUs, data-parallel)::
-
-    advalign-jax train --config configs/harmonize_{arch}.py \\
-        --config.model.init_from=checkpoints/{arch} \\
-        --config.data.files="('/data/clickme/train-*.tfrecords',)" \\
-        --config.eval_data.files="('/data/clickme/val-*.tfrecords',)" \\
-        --config.data.tfds_data_dir=/data/tfds
-
-A TPU pod: the same command on every host, with ``--config.distributed=true`` (each host reads its own
-shard files; Cloud TPU's coordinator is found automatically), e.g.
-``gcloud compute tpus tpu-vm ssh POD --worker=all --command="cd advalign_jax && .venv/bin/advalign-jax
-train --config configs/harmonize_{arch}.py --config.distributed=true ..."``.
-
-Expected result: {expected}. The run writes ``results/harmonize_{arch}/`` (checkpoints every 2000
-steps, metrics.csv, TensorBoard, the final model directory); rerunning the command resumes.
-
-Variants (``:ARG``):
-  runlocal    two CPU steps on the embedded shard at 32 px (the wiring only; tests run it).
-"""
-
-
 CIFAR10_TRAIN = 50_000
 PAG_SOURCES = {"nn": "nearest_neighbour", "oi": "one_image", "cm": "class_mean", "sbg": "precomputed"}
 
 
 def pag_cifar10_recipe(arch: str, arg: str = "nn", pag_weight: float = 15.0, warm_weight: float = 0.0,
                        warm_epochs: int = 0) -> ml_collections.ConfigDict:
-    """The official PAG CIFAR-10 recipe (``../shared/spec/pag.md``, "Training recipe"): SGD momentum 0.9
+    """The official PAG CIFAR-10 recipe (royg27/PAG-ROB ``TRAIN_CIFAR10.py``): SGD momentum 0.9
     (no Nesterov) with PyTorch's coupled weight decay 1e-4 on every parameter, lr 0.01 then x0.1 at
     epoch 50, x0.01 at 75 (x0.001 at 100: the last epoch ends there), 100 epochs of batch 64, seed
     3407; crop 32 with padding 4 (fill 0 in the official [-1, 1] frame, 0.5 here in [0, 1]) and flip,

@@ -93,6 +93,8 @@ def _train(config, mesh, progress, stop_after, log, writer, objective, export, l
 
     # ---- model and optimizer --------------------------------------------------------------------------
     model = build_model(config)
+    if hasattr(objective, "validate"):  # the objective's config mistakes, before anything is written
+        objective.validate(config, model)
     total_steps = int(config.total_steps)
     if total_steps < 1:
         raise ConfigError(f"total_steps must be at least 1, got {total_steps}")

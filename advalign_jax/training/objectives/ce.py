@@ -24,7 +24,7 @@ def smoothed_cross_entropy(logits, labels, num_classes: int, smoothing: float = 
     """Per-example cross-entropy with label smoothing, from logits."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing) if smoothing else \
         jax.nn.one_hot(labels, num_classes)
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return optax.softmax_cross_entropy(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)), targets)
 
 
 def l2_term(params, exclude) -> jnp.ndarray:
