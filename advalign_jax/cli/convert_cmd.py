@@ -5,22 +5,27 @@ from __future__ import annotations
 import argparse
 
 from advalign_jax.errors import AdvalignError
+from advalign_jax.models.base import NORMS, count_params
+from advalign_jax.models.checkpoint import load_model
+from advalign_jax.models.convert import convert_checkpoint
+from advalign_jax.models.registry import get_def, list_models
 
 
 def add_parser(sub) -> None:
     conv = sub.add_parser(
-        "convert", help="import a timm/torchvision/Keras checkpoint as an advalign_jax model",
-        description="Read a checkpoint (.safetensors, PyTorch .pth/.bin, Keras .h5 or .keras), map its "
-                    "parameter names onto a registered architecture, check every shape, and write a "
-                    "model directory (orbax variables + model.json) that every command loads by path.",
+        "convert", help="import a timm/torchvision/Keras/robustness-library checkpoint as an advalign_jax model",
+        description="Read a checkpoint (.safetensors, PyTorch .pth/.bin, a robustness-library "
+                    "checkpoint.pt.best, Keras .h5 or .keras), map its parameter names onto a registered "
+                    "architecture, check every shape, and write a model directory (orbax variables + "
+                    "model.json) that every command loads by path.",
         epilog="Example: advalign-jax convert --arch resnet50 --from resnet50.safetensors --out "
                "checkpoints/resnet50")
     conv.add_argument("--arch", required=True, help="registered architecture (see `advalign-jax models`)")
     conv.add_argument("--from", dest="source", required=True, help="checkpoint file to import")
     conv.add_argument("--out", required=True, help="model directory to write")
     conv.add_argument("--num-classes", type=int, help="classes of the head (default: read off the checkpoint)")
-    conv.add_argument("--norm", help="input normalisation (imagenet, caffe, inception, half, none); default: "
-                                     "what checkpoints of this format expect")
+    conv.add_argument("--norm", help=f"input normalisation ({', '.join(NORMS)}); default: what checkpoints of "
+                                     "this format expect (a robustness-library checkpoint: its own normaliser)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing model directory")
     conv.set_defaults(func=run_convert)
 
@@ -31,23 +36,19 @@ def add_parser(sub) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from advalign_jax.models.base import count_params  # pylint: disable=import-outside-toplevel
-    from advalign_jax.models.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-    from advalign_jax.models.convert import convert  # pylint: disable=import-outside-toplevel
-
     if args.num_classes is not None and args.num_classes < 1:
         raise AdvalignError(f"--num-classes must be positive, got {args.num_classes}")
-    model, path = convert(args.source, args.arch, args.out, overwrite=args.overwrite,
-                          num_classes=args.num_classes, norm=args.norm)
+    done = convert_checkpoint(args.source, args.arch, args.out, overwrite=args.overwrite,
+                              num_classes=args.num_classes, norm=args.norm)
+    model, path = done.model, done.path
     _, variables = load_model(path)
+    print(f"{args.source}: {done.found}")
     print(f"wrote {path}: {model.name}, {model.num_classes} classes, input {model.input_shape}, "
           f"{count_params(variables):,} parameters")
     return 0
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from advalign_jax.models.registry import get_def, list_models  # pylint: disable=import-outside-toplevel
-
     for name in list_models():
         d = get_def(name)
         imports = ", ".join(sorted(d.importers)) or "-"

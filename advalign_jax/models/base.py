@@ -71,6 +71,9 @@ NORMS = {
     "inception": InputNorm((1.0, 1.0, 1.0), (1.0, 1.0, 1.0), scale=2.0),
     # PAG's CIFAR models: mean 0.5, std 0.5 (images in [-1, 1]).
     "half": InputNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # CIFAR-10 statistics of the robustness library (MadryLab/robustness, datasets.py, CIFAR) and of
+    # kuangliu/pytorch-cifar.
+    "cifar10": InputNorm((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     # Keras EfficientNet / ConvNeXt with their built-in Rescaling + Normalization (see those files).
     "none": InputNorm(),
 }
@@ -98,8 +101,8 @@ class ModelDef:
 
     ``build(**options)`` returns the flax module; ``options`` holds the defaults (``num_classes``,
     ``input_size``, ``norm`` and architecture specifics), any of which a user may override.
-    ``importers`` maps a source format (``'torch'``, ``'keras'``) to a function
-    ``(flat_weights: dict[str, np.ndarray], model: Model) -> variables``.
+    ``importers`` maps a source family (``'torch'``, ``'keras'``, ``'robustness'``) to an
+    :class:`advalign_jax.models.importers.Importer` (the mapping table from that family's names).
     """
 
     name: str

@@ -8,7 +8,8 @@ loads by path)::
     DIR/variables/     orbax checkpoint of {"params": ..., "batch_stats": ...}
 
 :func:`load_model` rebuilds the architecture from ``model.json`` and checks every variable's shape
-against it, listing all mismatches at once.
+against it, listing all mismatches at once. :func:`fingerprint` identifies the function a checkpoint
+computes (architecture, options and every variable's bytes).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Mapping, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from advalign_jax.errors import AdvalignError
 from advalign_jax.models import registry
@@ -52,8 +54,6 @@ def _from_json_options(options: Mapping[str, Any]) -> dict:
 def _local_checkpointer():
     """An orbax checkpointer that this process uses on its own: in a multi-process run a model directory
     is written by one process and read by each process by itself, with no barrier across processes."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
     if jax.process_count() == 1:
         return ocp.StandardCheckpointer()
     me = jax.process_index()
@@ -64,8 +64,6 @@ def _local_checkpointer():
 def save_model(path: str, model: Model, variables: Mapping, source: str = "", overwrite: bool = False) -> str:
     """Writes ``variables`` of ``model`` to the directory ``path`` (atomically: written beside it, then
     renamed)."""
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise AdvalignError(f"{path} already exists (pass --overwrite to replace it)")
@@ -129,8 +127,6 @@ def load_model(path: str, arch: Optional[str] = None, **overrides: Any) -> tuple
     ``arch`` (optional) must match the checkpoint's architecture; ``overrides`` change build options
     that do not affect the variables (``dtype``, ``remat``) or must agree with them (``num_classes``).
     """
-    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
     path = os.path.abspath(path)
     meta = read_meta(path)
     options = _from_json_options(meta["options"])
@@ -153,7 +149,13 @@ def load_model(path: str, arch: Optional[str] = None, **overrides: Any) -> tuple
 
 def fingerprint(arch: str, options: Mapping[str, Any], variables) -> str:
     """sha256 of the architecture, its options and every variable (path, dtype, shape, bytes): two
-    checkpoints share a fingerprint only if they compute the same function."""
+    checkpoints share a fingerprint only if they compute the same function.
+
+    The digest takes ``json.dumps({"arch": arch, "options": options}, sort_keys=True)`` (the options made
+    JSON-plain, other types as ``str``), then for each leaf of ``variables`` in ``jax.tree_util`` order
+    its ``keystr`` path, ``dtype.str`` + shape and its C-contiguous bytes; so it does not depend on where
+    the checkpoint is stored or how often it was saved and reloaded.
+    """
     h = hashlib.sha256()
     plain = json.loads(json.dumps(options.to_dict() if hasattr(options, "to_dict") else options, default=str))
     h.update(json.dumps({"arch": arch, "options": plain}, sort_keys=True, default=str).encode())

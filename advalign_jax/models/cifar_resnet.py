@@ -1,17 +1,23 @@
-"""The CIFAR ResNet-18 of PAG (Ganz, Kawar, Elad, ICML 2023; ``../shared/spec/pag.md``).
+"""The CIFAR ResNets: PAG's ResNet-18 and the robustness library's CIFAR ResNet-18/50.
 
-``cifar_resnet18`` matches ``models/resnet.py`` of the official PAG code (royg27/PAG-ROB), itself the
-widely used kuangliu/pytorch-cifar ResNet:
+``cifar_resnet18`` matches ``models/resnet.py`` of the official PAG code (Ganz, Kawar, Elad, "Do
+Perceptually Aligned Gradients Imply Robustness?", ICML 2023; royg27/PAG-ROB), itself the widely used
+kuangliu/pytorch-cifar ResNet, which is also ``robustness/cifar_models/resnet.py`` of the Madry lab's
+``robustness`` library (same layout and names):
 
 - stem: 3x3 conv, stride 1, padding 1, no bias -> BatchNorm -> ReLU; no max-pool;
-- four stages of BasicBlocks, ``[2, 2, 2, 2]`` blocks of widths 64/128/256/512, stride 2 in the first
-  block of stages 2-4; a block is ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with 3x3 convs
-  (PyTorch symmetric padding 1) and a 1x1 conv (stride s, no bias) + BatchNorm shortcut where the shape
-  changes (identity otherwise);
-- global average pooling (``AdaptiveAvgPool2d(1)``; the 4x4 average pool at 32 px) and a linear head.
+- four stages of blocks, widths 64/128/256/512, stride 2 in the first block of stages 2-4;
+  ``block="basic"`` (ResNet-18/34): ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))`` with 3x3
+  convs (stride on ``conv1``); ``block="bottleneck"`` (ResNet-50/101/152, expansion 4):
+  ``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))`` with 1x1, 3x3 (stride here)
+  and 1x1 convs; the shortcut is a 1x1 conv (stride s, no bias) + BatchNorm where the shape changes
+  (identity otherwise); convs pad symmetrically by ``k // 2`` as PyTorch does;
+- global average pooling (``AdaptiveAvgPool2d(1)`` in PAG, ``avg_pool2d(out, 4)`` in the robustness
+  library: the same at 32 px) and a linear head.
 
-Input normalisation ``"half"`` (mean 0.5, std 0.5): PAG trains on images in [-1, 1] and attacks in
-[0, 1] with that normalisation in front of the model.
+Input normalisation: ``"half"`` (mean 0.5, std 0.5) for ``cifar_resnet18`` (PAG trains on images in
+[-1, 1] and attacks in [0, 1] with that normalisation in front of the model); ``"cifar10"`` for
+``cifar_resnet50``; a robustness-library checkpoint brings its own.
 
 BatchNorm (:class:`TorchBatchNorm`) is PyTorch's: epsilon 1e-5, the batch normalised with the biased
 batch variance, and the running variance updated with the **unbiased** one (flax's ``nn.BatchNorm`` uses
@@ -22,17 +28,24 @@ Parameters are initialised as PyTorch initialises them (``kaiming_uniform(a=sqrt
 ``+-1/sqrt(fan_in)`` linear biases, BatchNorm scale 1 and bias 0), so training from scratch starts
 where the official code starts.
 
-Weight import (``"torch"``): the official state-dict names, e.g. ``conv1.weight``, ``bn1.running_mean``,
-``layer2.0.conv1.weight``, ``layer2.0.shortcut.0.weight`` (conv), ``layer2.0.shortcut.1.weight`` (BN),
-``linear.weight``. Checkpoints saved from ``DataParallel`` (``module.`` prefix) are read through
-:func:`advalign_jax.models.importers.read_torch`, which drops the prefix.
+Weight import:
+
+- ``"torch"``: the official state-dict names, e.g. ``conv1.weight``, ``bn1.running_mean``,
+  ``layer2.0.conv1.weight`` (``conv3`` too in Bottlenecks), ``layer2.0.shortcut.0.weight`` (conv),
+  ``layer2.0.shortcut.1.weight`` (BN), ``linear.weight``; the blocks per stage and the widths are read
+  off the checkpoint (so ResNet-34, the robustness library's ``resnet18wide`` or ``wm`` width multiplier,
+  and ResNet-101/152 import too). Checkpoints saved from ``DataParallel`` (``module.`` prefix) are read
+  through :mod:`advalign_jax.models.readers`, which drops the prefix.
+- ``"robustness"``: the robustness library's ``checkpoint.pt.best`` files (the classifier under
+  ``module.model.``, the model's own normaliser; :mod:`advalign_jax.models.robustness_format`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -122,6 +135,7 @@ class BasicBlock(nn.Module):
     """``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``; the shortcut is a 1x1 conv + BN when the
     stride or width changes (``shortcut.0`` / ``shortcut.1`` in the official names)."""
 
+    expansion: ClassVar[int] = 1
     features: int
     stride: int = 1
     dtype: str = "float32"
@@ -139,10 +153,39 @@ class BasicBlock(nn.Module):
         return nn.relu(out + x)
 
 
+class Bottleneck(nn.Module):
+    """``relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + shortcut(x))``: 1x1 conv to ``features``,
+    3x3 conv with the stride, 1x1 conv to ``4 * features``; the shortcut (1x1 conv + BN, stride s) where
+    the stride or width changes (``shortcut.0`` / ``shortcut.1``)."""
+
+    expansion: ClassVar[int] = 4
+    features: int
+    stride: int = 1
+    dtype: str = "float32"
+    bn_axis_name: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        dtype = compute_dtype(self.dtype)
+        bn = functools.partial(TorchBatchNorm, use_running_average=not train, dtype=dtype,
+                               axis_name=self.bn_axis_name)
+        out = nn.relu(bn(name="bn1")(_conv(self.features, 1, 1, dtype, "conv1")(x)))
+        out = nn.relu(bn(name="bn2")(_conv(self.features, 3, self.stride, dtype, "conv2")(out)))
+        out = bn(name="bn3")(_conv(4 * self.features, 1, 1, dtype, "conv3")(out))
+        if self.stride != 1 or x.shape[-1] != 4 * self.features:
+            x = bn(name="shortcut_bn")(_conv(4 * self.features, 1, self.stride, dtype, "shortcut_conv")(x))
+        return nn.relu(out + x)
+
+
+BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+
+
 class CifarResNet(nn.Module):
-    """The CIFAR ResNet (BasicBlocks; 3x3 stride-1 stem, no max-pool). Defaults: ResNet-18."""
+    """The CIFAR ResNet (3x3 stride-1 stem, no max-pool); ``block`` is 'basic' or 'bottleneck'.
+    Defaults: ResNet-18."""
 
     num_classes: int = 10
+    block: str = "basic"
     stage_sizes: Sequence[int] = (2, 2, 2, 2)
     widths: Sequence[int] = (64, 128, 256, 512)
     norm: InputNorm = InputNorm((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
@@ -152,6 +195,8 @@ class CifarResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.block not in BLOCKS:
+            raise ValueError(f"CIFAR ResNet block must be one of {sorted(BLOCKS)}, got {self.block!r}")
         dtype = compute_dtype(self.dtype)
         x = Normalize(self.norm)(x).astype(dtype)
         x = _conv(self.widths[0], 3, 1, dtype, "conv1")(x)
@@ -159,7 +204,7 @@ class CifarResNet(nn.Module):
                            name="bn1")(x)
         x = nn.relu(x)
         self.sow("intermediates", "stem_out", x)
-        block = maybe_remat(BasicBlock, self.remat)
+        block = maybe_remat(BLOCKS[self.block], self.remat)
         for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
             for j in range(size):
                 stride = 2 if i > 0 and j == 0 else 1
@@ -175,22 +220,24 @@ class CifarResNet(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 
 def torch_rules(model) -> list:
-    """Mapping table: official PAG ResNet state-dict names -> our variables."""
+    """Mapping table: official (kuangliu / PAG / robustness-library) CIFAR ResNet state-dict names -> our
+    variables."""
     module = model.module
+    expansion = BLOCKS[module.block].expansion
+    convs = (1, 2, 3) if module.block == "bottleneck" else (1, 2)
     rules = importers.torch_conv("conv1", "conv1") + importers.torch_bn("bn1", "bn1")
     in_width = module.widths[0]
     for i, (size, width) in enumerate(zip(module.stage_sizes, module.widths)):
         for j in range(size):
             ours, theirs = f"layer{i + 1}_{j}", f"layer{i + 1}.{j}"
-            rules += importers.torch_conv(f"{ours}/conv1", f"{theirs}.conv1")
-            rules += importers.torch_bn(f"{ours}/bn1", f"{theirs}.bn1")
-            rules += importers.torch_conv(f"{ours}/conv2", f"{theirs}.conv2")
-            rules += importers.torch_bn(f"{ours}/bn2", f"{theirs}.bn2")
+            for k in convs:
+                rules += importers.torch_conv(f"{ours}/conv{k}", f"{theirs}.conv{k}")
+                rules += importers.torch_bn(f"{ours}/bn{k}", f"{theirs}.bn{k}")
             stride = 2 if i > 0 and j == 0 else 1
-            if stride != 1 or in_width != width:
+            if stride != 1 or in_width != expansion * width:
                 rules += importers.torch_conv(f"{ours}/shortcut_conv", f"{theirs}.shortcut.0")
                 rules += importers.torch_bn(f"{ours}/shortcut_bn", f"{theirs}.shortcut.1")
-            in_width = width
+            in_width = expansion * width
     rules += importers.torch_dense("linear", "linear")
     return rules
 
@@ -215,13 +262,26 @@ def torch_infer(weights) -> dict:
     return options
 
 
-MODELS = {
-    "cifar_resnet18": ModelDef(
-        name="cifar_resnet18", build=CifarResNet,
-        options=dict(num_classes=10, input_size=32, norm="half", stage_sizes=(2, 2, 2, 2),
+TORCH = importers.Importer(rules=torch_rules, infer=torch_infer, ignore=("num_batches_tracked",), norm="half",
+                           description="official PAG / kuangliu pytorch-cifar ResNet state dict")
+TORCH50 = dataclasses.replace(TORCH, norm="cifar10",
+                              description="kuangliu pytorch-cifar / robustness-library CIFAR ResNet-50 state dict")
+
+
+def _def(name: str, block: str, stage_sizes: tuple, norm: str, description: str, torch: importers.Importer):
+    return ModelDef(
+        name=name, build=CifarResNet,
+        options=dict(num_classes=10, input_size=32, norm=norm, block=block, stage_sizes=stage_sizes,
                      widths=(64, 128, 256, 512), dtype="float32", remat=False, bn_axis_name=None),
-        description="CIFAR ResNet-18 of PAG (3x3 stride-1 stem, no max-pool, BasicBlocks [2,2,2,2])",
-        importers={"torch": importers.Importer(
-            rules=torch_rules, infer=torch_infer, ignore=("num_batches_tracked",), norm="half",
-            description="official PAG / kuangliu pytorch-cifar ResNet state dict")}),
+        description=description,
+        importers={"torch": torch, "robustness": importers.robustness_importer(torch)})
+
+
+MODELS = {
+    "cifar_resnet18": _def("cifar_resnet18", "basic", (2, 2, 2, 2), "half",
+                           "CIFAR ResNet-18 of PAG and the robustness library (3x3 stride-1 stem, no max-pool, "
+                           "BasicBlocks [2,2,2,2])", TORCH),
+    "cifar_resnet50": _def("cifar_resnet50", "bottleneck", (3, 4, 6, 3), "cifar10",
+                           "CIFAR ResNet-50 of the robustness library / kuangliu (3x3 stride-1 stem, no max-pool, "
+                           "Bottlenecks [3,4,6,3])", TORCH50),
 }

@@ -1,4 +1,4 @@
-"""The CIFAR ViT of PAG (Ganz, Kawar, Elad, ICML 2023; ``../shared/spec/pag.md``).
+"""The CIFAR ViT of PAG (Ganz, Kawar, Elad, "Do Perceptually Aligned Gradients Imply Robustness?", ICML 2023).
 
 ``cifar_vit`` matches ``models/ViT.py`` and ``models/vit_layers.py`` of the official PAG code
 (royg27/PAG-ROB, which follows omihub777/ViT-CIFAR), built there as ``ViT()`` with its defaults:

@@ -9,24 +9,26 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import os
 import pkgutil
 from typing import Any
 
 from advalign_jax.errors import AdvalignError
 from advalign_jax.models.base import Model, ModelDef, get_norm
 
-_NOT_ARCHITECTURES = {"base", "registry", "checkpoint", "importers", "convert"}
+_NOT_ARCHITECTURES = {"base", "registry", "checkpoint", "importers", "readers", "robustness_format", "convert"}
+_PACKAGE = __name__.rpartition(".")[0]  # advalign_jax.models: the architecture files sit beside this one
 
 
 @functools.lru_cache(maxsize=None)
 def _all() -> dict:
-    import advalign_jax.models as package  # pylint: disable=import-outside-toplevel
-
+    """{name: ModelDef} of every ``MODELS`` dict in the modules of this file's directory (imported by
+    dotted name, so the registry never imports its own package)."""
     found: dict[str, ModelDef] = {}
-    for info in pkgutil.iter_modules(package.__path__):
+    for info in pkgutil.iter_modules([os.path.dirname(os.path.abspath(__file__))]):
         if info.name in _NOT_ARCHITECTURES or info.name.startswith("_"):
             continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        module = importlib.import_module(f"{_PACKAGE}.{info.name}")
         for name, definition in getattr(module, "MODELS", {}).items():
             if name in found:
                 raise RuntimeError(f"model {name!r} is registered twice ({info.name})")

@@ -31,6 +31,11 @@ Importers:
   (``conv1``, ``bn1``, ``layer{1-4}.{i}.conv{1,2,3}``, ``.bn{1,2,3}``, ``.downsample.0`` (conv) /
   ``.downsample.1`` (BN), ``fc``; checked against timm 1.0 ``resnet18/34/50/101``); default input
   normalisation ``imagenet``.
+- ``robustness`` (the four torchvision depths): checkpoints of the Madry lab's ``robustness`` library
+  and microsoft/robust-models-transfer (``checkpoint.pt.best``; the classifier under ``module.model.``
+  with the names above, the model's own normaliser, which the import uses;
+  :mod:`advalign_jax.models.robustness_format`). ``robustness/imagenet_models/resnet.py`` is
+  torchvision's ResNet (stride on the 3x3 conv of the Bottleneck), so the same table applies.
 - ``keras`` (``resnet50_keras`` only): Keras layer names ``conv1_conv``, ``conv1_bn``,
   ``conv{2-5}_block{i}_{0,1,2,3}_{conv,bn}`` (``_0_`` is the projection shortcut), ``predictions``.
   keras.applications ResNet50 is the only source of these checkpoints and it was trained on Keras's
@@ -47,9 +52,9 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat,
-                                      torch_pad)
+                                      stat_dtype, torch_pad)
 from advalign_jax.models.importers import (Importer, infer_num_classes, keras_bn, keras_conv, keras_dense,
-                                           torch_bn, torch_conv, torch_dense)
+                                           robustness_importer, torch_bn, torch_conv, torch_dense)
 
 WIDTHS = (64, 128, 256, 512)
 
@@ -152,7 +157,7 @@ class ResNet(nn.Module):
                           name=f"layer{s + 1}_{i}")(x, train)
                 channels = width * block_cls.expansion
             self.sow("intermediates", f"layer{s + 1}_out", x)
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+        x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)  # float32 (float64 for float64)
         return nn.Dense(self.num_classes, dtype=dtype, name="fc")(x)
 
 
@@ -200,6 +205,7 @@ def keras_rules(model) -> list:
 
 TORCH = Importer(rules=torch_rules, infer=lambda w: _classes(w, "fc", "torch"), ignore=("num_batches_tracked",),
                  norm="imagenet", description="torchvision / timm ResNet state dicts")
+ROBUSTNESS = robustness_importer(TORCH)
 KERAS = Importer(rules=keras_rules, infer=lambda w: _classes(w, "predictions", "keras"), norm="caffe",
                  description="keras.applications ResNet50 (.h5 / .keras); its 'caffe' preprocessing")
 
@@ -217,7 +223,7 @@ def _torch_def(name: str, block: str, layers: tuple) -> ModelDef:
                      bn_momentum=0.9),
         description=f"ResNet-{name[6:]} (torchvision / timm; "
                     + ("BasicBlocks)" if block == "basic" else "Bottlenecks, stride on the 3x3 conv: v1.5)"),
-        importers={"torch": TORCH})
+        importers={"torch": TORCH, "robustness": ROBUSTNESS})
 
 
 MODELS = {

@@ -23,8 +23,10 @@ Flax parameter tree: ``conv1``, ``conv{2-5}_block{i}/{preact_bn,conv0,conv1,bn1,
 Importer ``keras``: the layer names above (``conv1_conv``, ``conv2_block1_preact_bn``,
 ``conv2_block1_0_conv``, ``conv2_block1_1_conv``, ``conv2_block1_1_bn``, ..., ``post_bn``,
 ``predictions``). Its default normalisation is ``imagenet``, ``(x/255 - mean) / std``: the convention of
-the harmonized ResNet50V2 release (see shared/spec/harmonization.md). Checkpoints of keras.applications
-itself expect Keras's 'tf' preprocessing (``x/127.5 - 1``): convert those with ``--norm inception``.
+the harmonized ResNet50V2 release (Fel, Felipe, Linsley, Serre, "Harmonizing the object recognition
+strategies of deep neural networks with humans", NeurIPS 2022; serre-lab/harmonization). Checkpoints of
+keras.applications itself expect Keras's 'tf' preprocessing (``x/127.5 - 1``): convert those with
+``--norm inception``.
 """
 
 from __future__ import annotations

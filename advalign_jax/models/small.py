@@ -1,7 +1,8 @@
 """Small models: the 2-layer MLP of the toy experiments and the small CNN of the embedded demonstration.
 
 - ``mlp2``: ``Linear(in, hidden) - ReLU - Linear(hidden, classes)``, the PAG toy model
-  (``../shared/spec/pag.md``: 2 -> 32 -> 2, no input scaling).
+  (Ganz, Kawar, Elad, "Do Perceptually Aligned Gradients Imply Robustness?", ICML 2023, its 2-D
+  experiment: 2 -> 32 -> 2, no input scaling).
 - ``small_cnn``: a 4-stage CNN for 224x224 ClickMe-style images, cheap enough for a CPU (about 15 M
   multiply-adds per image): a ``patch x patch`` stride-``patch`` stem (8: 224 -> 28), three 3x3 conv +
   BatchNorm + ReLU stages with 2x2 max-pooling between them, global average pooling and a linear
