@@ -1,4 +1,5 @@
-"""PAG's toy 2-D experiment (``../shared/spec/pag.md``): vanilla vs PAG MLPs under a targeted L2 attack.
+"""PAG's toy 2-D experiment (Ganz et al. 2023, "Do perceptually aligned gradients imply adversarial
+robustness?", its 2-D study): vanilla vs PAG MLPs under a targeted L2 attack.
 
 Commands (seconds each on a CPU)::
 

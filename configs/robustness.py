@@ -15,7 +15,7 @@ AutoAttack's sanity checks that fired (also logged as warnings: a randomised mod
 like probabilities, inputs outside [0, 1], fewer classes than targets, points with a zero gradient,
 Square breaking points the gradient-based attacks missed, later attacks breaking points far inside the
 radius); ``per_example.csv`` with one row per test image. AutoAttack "standard" is the figure
-RobustBench reports and papers compare; reference points on CIFAR-10 (``../shared/spec/pag.md``): an
+RobustBench reports and papers compare; reference points on CIFAR-10 (the PAG paper, Ganz et al. 2023, and RobustBench): an
 undefended model 94.78% clean, 0.0% robust under both norms; the PAG paper's score-based-target models
 50.87% / 15.97% (L2 0.5 / Linf 8/255) at lambda 1 and 55.39% / 23.97% at lambda 2. Cost per image and
 norm: 20 PGD steps, then 100 APGD-CE and 9 x 100 APGD-T gradient evaluations, 9 x 100 FAB-T gradient

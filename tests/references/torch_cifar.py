@@ -1,7 +1,7 @@
 """Plain ``torch.nn`` references of PAG's two CIFAR models, with the official state-dict names.
 
-Written for the tests from the architecture definitions (``../shared/spec/pag.md``, "Training recipe", and
-the official PAG code's module layout), independently of our flax code:
+Written for the tests from the architecture definitions (the PAG paper's training recipe, and
+the official PAG code's module layout, royg27/PAG-ROB), independently of our flax code:
 
 - :class:`TorchCifarResNet`: ``conv1``/``bn1`` stem (3x3, stride 1, no max-pool), ``layer1..4`` of
   BasicBlocks (``conv1``, ``bn1``, ``conv2``, ``bn2``, ``shortcut`` = ``Sequential(conv 1x1, BN)`` or

@@ -1,5 +1,5 @@
 """Independent PyTorch version of the official PAG training loss, written from the semantics of
-``royg27/PAG-ROB`` ``TRAIN_CIFAR10.py`` (``../shared/spec/pag.md``), for the tests of
+``royg27/PAG-ROB`` ``TRAIN_CIFAR10.py``, for the tests of
 :mod:`advalign_jax.losses.pag`.
 
 What it does, step by step, as the official training step does:

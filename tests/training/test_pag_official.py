@@ -19,7 +19,7 @@ QUIET = dict(progress=False, log=lambda *a: None)
 # royg27/PAG-ROB TRAIN_CIFAR10.py, adjust_learning_rate with lr 0.01 and 100 epochs, for the 1-indexed
 # epochs 1..100 it is called with: 0.01 until epoch 49, 0.001 from 50, 0.0001 from 75, 0.00001 at 100.
 OFFICIAL_RATES = [0.01] * 49 + [0.001] * 25 + [0.0001] * 25 + [0.00001]
-# ours (../shared/spec/pag.md: x0.1 at epoch 50, x0.01 at 75, x0.001 at 100, 100 epochs; from 0)
+# ours (the PAG paper's recipe: x0.1 at epoch 50, x0.01 at 75, x0.001 at 100, 100 epochs; from 0)
 OUR_RATES = [0.01] * 50 + [0.001] * 25 + [0.0001] * 25
 
 
