@@ -22,7 +22,7 @@ What seed ``s`` runs is what ``advalign-jax train`` runs with ``--config.seed=s`
   seeds, with the trainer's key ``PRNGKey(s + 7)``.
 
 Only the one-device arithmetic is shared: no checkpoints, metrics files or data parallelism, and only
-``data_kind='arrays'``. ``tests/test_seed_sweep.py`` checks that seed ``s`` ends with the parameters of
+``data_kind='arrays'``. ``tests/training/test_seed_sweep.py`` checks that seed ``s`` ends with the parameters of
 ``train(config with seed=s)`` (on the development CPU the toy runs agree bitwise, to the last of 4,600
 steps). Float32 rounding may differ on another CPU, and even with the number of seeds sharing the
 program (XLA picks kernels by shape): a chaotic recipe turns that into another outcome for the same

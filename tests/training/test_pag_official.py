@@ -2,7 +2,7 @@
 the variants' settings, training with the official semantics, and precomputed targets read as the
 official code reads them (the file's own images and labels) or checked image by image against the
 training split. The official step itself (two passes, one crop and flip per batch and pass) is checked
-against PyTorch in tests/test_pag_loss.py."""
+against PyTorch in tests/losses/test_pag_loss.py."""
 
 import numpy as np
 import pytest

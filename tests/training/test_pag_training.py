@@ -25,7 +25,7 @@ def _leaves(path):
 def test_toy2d_pag_keeps_its_points_where_vanilla_loses_them(tmp_path):
     """The toy experiment (configs/pag_toy2d.py, the full 100 epochs) over 12 seeds per model, each
     model's seeds trained in one compiled program (advalign_jax/training/seed_sweep.py; seed s is the
-    computation of ``train`` with seed=s, tests/test_seed_sweep.py). One seed's count is a chaotic draw
+    computation of ``train`` with seed=s, tests/training/test_seed_sweep.py). One seed's count is a chaotic draw
     (256 seeds give PAG 108-600 and vanilla 0-510 kept of 600), so the assertions are on medians, with
     margins measured over 256 seeds: the median of 12 over 21 disjoint groups ranged over PAG 425-578.5
     and vanilla 1.5-112; resampled, a PAG median below 350 or a vanilla median above 250 has probability

@@ -9,7 +9,7 @@ trainer differentiates the whole loss w.r.t. the parameters (double backprop). T
 ``decay_exclude`` (the name mask).
 
 The order of differentiation (``differentiation``; ``auto`` and a block without the key mean
-:data:`DEFAULT_DIFFERENTIATION`) gives the same loss and gradient (``tests/test_harmonization.py``):
+:data:`DEFAULT_DIFFERENTIATION`) gives the same loss and gradient (``tests/losses/test_harmonization.py``):
 
 - ``'reverse_over_reverse'``: the saliency is a VJP of the forward pass, and the trainer's gradient
   goes back through it;
