@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -35,11 +37,14 @@ class MLP(nn.Module):
     init_scheme: str = "torch"  # 'torch' (PyTorch's nn.Linear default, as the PAG toy code) or 'lecun' (flax's)
     dtype: str = "float32"
     remat: bool = False
+    flatten: bool = False  # flatten each input (e.g. an image) to one vector first
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         dtype = compute_dtype(self.dtype)
         x = x.astype(dtype)
+        if self.flatten:
+            x = x.reshape(x.shape[0], -1)
 
         def dense(features, fan_in, name):
             if self.init_scheme == "torch":
@@ -117,6 +122,11 @@ MODELS = {
         options=dict(num_classes=2, hidden=32, input_shape=(2,), norm="none", init_scheme="torch", dtype="float32",
                      remat=False),
         description="2-layer MLP (the PAG toy experiment: 2 -> 32 -> 2)"),
+    "mlp": ModelDef(
+        name="mlp", build=functools.partial(MLP, flatten=True),
+        options=dict(num_classes=10, hidden=256, input_shape=(16, 16, 3), norm="none", init_scheme="lecun",
+                     dtype="float32", remat=False),
+        description="2-layer MLP on flattened images (Linear(H*W*C, hidden) - ReLU - Linear(hidden, classes))"),
     "small_cnn": ModelDef(
         name="small_cnn", build=SmallCNN,
         options=dict(num_classes=10, widths=(24, 32, 64, 96), patch=8, input_size=224, norm="imagenet",
