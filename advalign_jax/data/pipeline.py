@@ -212,6 +212,8 @@ class ClickMePipeline:
                 return {**self._clickme_example(f, i, raw, zero_seed), "index": index}
 
             ds = ds.map(example, num_parallel_calls=AUTO, deterministic=True)
+        elif not self.files:
+            ds = None
         else:
             ds = self._read_files(self.file_ids, shuffle_files=True)
             ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed + 1)
@@ -226,7 +228,7 @@ class ClickMePipeline:
                 ds = ds.map(lambda n, x: x)
             ds = ds.map(lambda rec, s: self._clickme_example(*rec, s), num_parallel_calls=AUTO,
                         deterministic=True)
-        if cfg.skip_bad_records:
+        if cfg.skip_bad_records and ds is not None:
             ds = ds.ignore_errors()  # records whose bytes TF cannot decode; counted via attempted
             ds = self._skip_filter(ds)
         if cfg.mode == TRAIN:
@@ -234,8 +236,10 @@ class ClickMePipeline:
                        for k, s in enumerate(cfg.mix_sources)]
             sources += [src for src, _ in self.extra_sources]
             weights = [cfg.clickme_weight, *cfg.mix_weights, *(w for _, w in self.extra_sources)]
+            if not self.files:  # map-less sources only (the reader allows it with clickme_weight 0)
+                weights = weights[1:]
             if sources:
-                mixed = [ds]
+                mixed = [ds] if self.files else []
                 for k, src in enumerate(sources):
                     src = src.repeat().shuffle(min(cfg.shuffle_buffer, 1024), seed=cfg.seed + 100 + k)
                     src = self._seeded(src, salt=k + 1)

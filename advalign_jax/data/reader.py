@@ -75,7 +75,11 @@ class ClickMeReader:
         if not 0 <= process_index < process_count:
             raise ValueError(f"process_index {process_index} not in [0, {process_count})")
         self.process_index, self.process_count = process_index, process_count
-        self.files = resolve_files(config.files)
+        # A training stream of map-less sources only (clickme_weight 0, e.g. plain ImageNet from TFDS)
+        # needs no ClickMe files.
+        mapless_only = config.mode == TRAIN and not config.files and config.clickme_weight == 0 and bool(
+            config.mix_sources or extra_sources)
+        self.files = [] if mapless_only else resolve_files(config.files)
         # Train mode, 'global': every process reads the single-process stream and keeps its block.
         self.global_stream = (config.mode == TRAIN and config.process_sharding == "global" and process_count > 1)
         self.record_sharded = len(self.files) < process_count and not self.global_stream

@@ -6,7 +6,7 @@ import pytest
 import reference_harmonization as ref
 from advalign_jax.data import reader as reader_lib
 from advalign_jax.data.tf_env import import_tf
-from advalign_jax.errors import ConfigError
+from advalign_jax.errors import ConfigError, DataError
 
 tf = import_tf()
 
@@ -183,3 +183,19 @@ def test_files_train_stream_gives_each_process_its_own_files(small_shards):
     a = list(_reader(small_shards, 0, 2, **kw).take(3))
     b = list(_reader(small_shards, 1, 2, **kw).take(3))
     assert not any(np.array_equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
+def test_a_training_stream_of_a_mapless_source_alone_needs_no_clickme_files():
+    """clickme_weight 0 and no files: the training stream is the TFDS source alone (plain ImageNet for
+    adversarial training): zero maps, token 0, the source's labels."""
+    import tensorflow_datasets as tfds
+
+    cfg = reader_lib.ReaderConfig(files=(), batch_size=8, mode="train", num_classes=10, image_size=32, clickme_weight=0.0,
+                       mix_sources=("tfds:cifar10:train",), mix_weights=(1.0,), seed=0, shuffle_buffer=16)
+    with tfds.testing.mock_data(num_examples=40):
+        batches = list(reader_lib.ClickMeReader(cfg).take(3))
+    assert all(b["image"].shape == (8, 32, 32, 3) for b in batches)
+    assert all(np.all(b["token"] == 0) and np.all(b["heatmap"] == 0) for b in batches)
+    assert all(np.all((b["label"] >= 0) & (b["label"] < 10)) for b in batches)
+    with pytest.raises(DataError, match="data.files is empty"):
+        reader_lib.ClickMeReader(reader_lib.ReaderConfig(files=(), batch_size=8, mode="eval", num_classes=10))

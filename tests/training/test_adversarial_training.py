@@ -277,3 +277,44 @@ def test_a_bad_adversarial_config_is_one_line_and_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and key in err, err
     assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The published recipes: their values, and their wiring on narrow copies
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, expect", [
+    ("configs/adversarial_cifar10_resnet50.py:l2",
+     {"model.name": "cifar_resnet50", "objective.name": "adversarial", "objective.adversarial.eps": 0.5,
+      "objective.adversarial.step_size": 0.1, "objective.adversarial.steps": 7, "data.batch_size": 128,
+      "optimizer.weight_decay": 5e-4, "schedule.boundaries": (50.0, 100.0), "total_steps": 150 * 390}),
+    ("configs/adversarial_cifar10_resnet50.py:linf",
+     {"objective.adversarial.constraint": "linf", "objective.adversarial.eps": 8 / 255,
+      "objective.adversarial.step_size": 0.01}),
+    ("configs/adversarial_imagenet_resnet50.py:l2",
+     {"model.name": "resnet50", "objective.adversarial.eps": 3.0, "objective.adversarial.step_size": 0.5,
+      "data.batch_size": 256, "optimizer.weight_decay": 1e-4, "data.clickme_weight": 0.0,
+      "data.mix_sources": ("tfds:imagenet2012:train",)}),
+    ("configs/trades_cifar10_wrn.py",
+     {"model.name": "wrn34_10", "objective.name": "trades", "objective.adversarial.eps": 0.031,
+      "objective.adversarial.step_size": 0.007, "objective.adversarial.steps": 10, "objective.adversarial.beta": 6.0,
+      "optimizer.weight_decay": 2e-4, "schedule.boundaries": (74.0,), "total_steps": 76 * 390,
+      "eval_attack.step_size": 0.003}),
+])
+def test_the_recipes_hold_the_published_values(path, expect):
+    config = load_config(path)
+    for dotted, value in expect.items():
+        got = config
+        for part in dotted.split("."):
+            got = got[part]
+        assert (tuple(got) if isinstance(value, tuple) else got) == pytest.approx(value), dotted
+
+
+@pytest.mark.parametrize("path", ["configs/adversarial_cifar10_resnet50.py:runlocal",
+                                  "configs/adversarial_imagenet_resnet50.py:runlocal",
+                                  "configs/trades_cifar10_wrn.py:runlocal"])
+def test_the_recipes_wiring_trains_on_narrow_copies(tmp_path, path):
+    config = load_config(path, [f"workdir={tmp_path / 'w'}"])
+    out = train(config, progress=False, log=lambda *a: None)
+    assert np.isfinite(out["loss"]) and 0 <= out["adversarial_accuracy"] <= 1
+    assert (tmp_path / "w" / "model").is_dir()

@@ -25,7 +25,8 @@ highest attack loss, the start and the final one included; the library's default
 ``attack_loss`` (``'ce'``, the library's, or ``'margin'``: its ``custom_adv_loss``). It is the project's
 PGD (:func:`advalign_jax.attacks.pgd.pgd`), compiled into the training step. Per-step metrics:
 ``accuracy`` and ``adversarial_accuracy`` (the training accuracy at ``x_adv``, the library's train
-``prec1``), ``clean_accuracy`` (inference mode at ``x``), ``ce``, ``eps``.
+``prec1``), ``clean_accuracy`` (inference mode at ``x``), ``ce``, ``eps``. With ``augment_padding`` (the objective
+block's) each batch is first cropped and flipped (:func:`augmented`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 
 from advalign_jax.attacks.pgd import PGDConfig, pgd
 from advalign_jax.errors import ConfigError
+from advalign_jax.losses.pag_augment import make_crop_flip
 from advalign_jax.training import objectives
 from advalign_jax.training.objectives import pag
 from advalign_jax.training.objectives.ce import accuracy, l2_term, smoothed_cross_entropy
@@ -75,6 +77,16 @@ def attack_config(a) -> tuple:
                     projection="renorm" if l2 else "ball", random_start=start, use_best=bool(a.use_best),
                     loss=a.attack_loss, clip=(0.0, 1.0))
     return cfg, eps
+
+
+def augmented(x, key, cfg):
+    """The batch after the objective block's crop (padding ``augment_padding``, fill ``augment_fill``) and
+    horizontal flip, one draw per image (``per_example_augment``) or per batch; the batch itself for
+    ``augment_padding=0``. The attack and the loss both see the augmented images, as a data loader's
+    augmentation gives them (RandomCrop(32, padding=4) and RandomHorizontalFlip in the reference recipes)."""
+    if not cfg.augment_padding:
+        return x
+    return make_crop_flip(int(cfg.augment_padding), float(cfg.augment_fill), bool(cfg.per_example_augment))(key, x)
 
 
 def eps_multiplier(step, warmup_steps: int):
@@ -128,9 +140,9 @@ def prepare(config, train_input):
 def loss(model, params, model_state, batch, rng, cfg, context=None):
     a = cfg.adversarial
     attack, eps = attack_config(a)
-    k_attack, k_drop, k_reg = jax.random.split(rng, 3)
+    k_attack, k_drop, k_reg, k_aug = jax.random.split(rng, 4)
     variables = {"params": params, **model_state}
-    x, y = batch["image"], batch["label"]
+    x, y = augmented(batch["image"], k_aug, cfg), batch["label"]
     radius = eps * eps_multiplier(batch["step"], int(a.eps_warmup_steps))
     x_adv = adversarial_examples(model, variables, x, y, k_attack, attack, radius)
     logits, new_state = model.apply_train(variables, x_adv, rng=k_drop)

@@ -22,7 +22,8 @@ of the two clean passes are the same, so the loss uses one of them and the third
 statistics). Config: the ``objective.adversarial`` block's ``constraint``, ``eps``, ``step_size``,
 ``steps`` and ``beta`` (TRADES's CIFAR-10 recipe: Linf, 0.031, 0.007, 10, 6.0). Metrics: ``ce``
 (clean), ``kl``, ``accuracy`` / ``clean_accuracy`` (training mode at ``x``), ``adversarial_accuracy``
-(training mode at ``x_adv``).
+(training mode at ``x_adv``). With ``augment_padding`` (the objective block's) each batch is first cropped
+and flipped (:func:`advalign_jax.training.objectives.adversarial.augmented`).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 
 from advalign_jax.attacks.pgd import PGDConfig, pgd
 from advalign_jax.errors import ConfigError
-from advalign_jax.training.objectives.adversarial import CONSTRAINTS
+from advalign_jax.training.objectives.adversarial import CONSTRAINTS, augmented
 from advalign_jax.training.objectives.ce import accuracy, l2_term
 
 START_STD = 0.001  # the reference's start: x + 0.001 * N(0, I)
@@ -87,7 +88,7 @@ def loss(model, params, model_state, batch, rng, cfg, context=None):  # pylint: 
     a = cfg.adversarial
     k_attack, k_drop = jax.random.split(rng)
     variables = {"params": params, **model_state}
-    x, y = batch["image"], batch["label"]
+    x, y = augmented(batch["image"], jax.random.fold_in(rng, 2), cfg), batch["label"]
     frozen = jax.lax.stop_gradient(variables)
     p_clean = jax.nn.softmax(model.apply(frozen, x), axis=-1)
     attack, eps = attack_config(a, p_clean)
