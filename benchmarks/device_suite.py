@@ -20,6 +20,9 @@ timing rule of ``benchmarks/timing.py``, ``jax.block_until_ready`` on every resu
 - ``PAG step`` of PAG's CIFAR ResNet-18 (32 px) at K = 1 and K = 10 target classes, both orders, and
   the plain CE step; beside it the official PyTorch formulation (``tests/references/torch_pag_reference.py``)
   when PyTorch sees the same kind of device (skipped otherwise, or with ``--no-torch``).
+- ``PGD-AT step`` (the ``adversarial`` objective: L2 eps 0.5, 7 steps of eps / 5) and ``TRADES step``
+  (Linf 8/255, 10 steps of 2/255, beta 6) of the CIFAR ResNet-18, the whole training step's gradient in
+  one program; the floor is K + 1 (PGD-AT) or K + 2 (TRADES) times the plain CE step's time.
 - ``APGD-CE`` (L-inf, 8/255, 100 iterations) and ``Square`` (L-inf, 8/255, 1,000 queries) on the CIFAR
   ResNet-18: images/s.
 
@@ -51,11 +54,12 @@ from advalign_jax.attacks.search import REFERENCE_ATTACK, ReferenceSearch, attac
 from advalign_jax.attacks.square import SquareConfig, square  # noqa: E402
 from advalign_jax.losses import pag as P  # noqa: E402
 from advalign_jax.models import get_model  # noqa: E402
-from advalign_jax.training.config_blocks import REFERENCE_DECAY_EXCLUDE  # noqa: E402
+from advalign_jax.training import objectives  # noqa: E402
+from advalign_jax.training.config_blocks import REFERENCE_DECAY_EXCLUDE, objective_block  # noqa: E402
 from advalign_jax.training.objectives import ce as ce_objective  # noqa: E402
 from advalign_jax.training.objectives import harmonizer  # noqa: E402
 
-PARTS = ("eps", "train", "pag", "attacks")
+PARTS = ("eps", "train", "pag", "adversarial", "attacks")
 # Dense peak FLOP/s by a substring of device_kind: (bfloat16, float32 at XLA's default precision = TF32).
 PEAK_FLOPS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12),
               "L4": (121e12, 60e12), "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12),
@@ -269,6 +273,38 @@ class Suite:
         if use_torch:
             self.pag_reference(x, y, targets, orders, n)
 
+    # ------------------------------------------------------------------ (d) adversarial training steps
+
+    def adversarial_steps(self):
+        s = self.sizes
+        model = get_model("cifar_resnet18", num_classes=10, **s.cifar_options)
+        variables = self.init(model)
+        state = {"batch_stats": variables["batch_stats"]}
+        size, n = model.input_size, s.pag_batch
+        rng = np.random.default_rng(3)
+        batch = {"image": jnp.asarray(rng.uniform(size=(n, size, size, 3)).astype(np.float32)),
+                 "label": jnp.asarray(rng.integers(0, 10, size=n).astype(np.int32)), "step": jnp.int32(0)}
+        arch = f"cifar_resnet18{'' if not s.cifar_options else ' (narrow)'} {size}px float32, batch {n}"
+
+        def plain(p, st, b):
+            return jax.grad(lambda q: ce_objective.loss(model, q, st, b, None, objective_block("ce"))[0])(p)
+
+        plain_c = self.timed("adversarial: plain CE step", arch, n, plain, (variables["params"], state, batch))
+        plain_s = best_time(lambda: jax.block_until_ready(plain_c(variables["params"], state, batch)), s.repeats)
+        cases = (("PGD-AT step", "adversarial", 7, dict(constraint="l2", eps=0.5, step_size=0.1, steps=7), 1),
+                 ("TRADES step", "trades", 10, dict(constraint="linf", eps=8 / 255, step_size=2 / 255, steps=10,
+                                                     beta=6.0), 2))
+        for part, name, k, attack, loss_passes in cases:
+            cfg = objective_block(name)
+            cfg.adversarial.update(attack)
+            objective = objectives.get(name)
+
+            def step(p, st, b, objective=objective, cfg=cfg):
+                return jax.grad(lambda q: objective.loss(model, q, st, b, jax.random.PRNGKey(0), cfg)[0])(p)
+
+            self.timed(part, f"{arch}, K={k}", n, step, (variables["params"], state, batch))
+            self.rows[-1]["floor s"] = (k + loss_passes) * plain_s
+
     def pag_reference(self, x, y, targets, orders, n):
         """The official PyTorch formulation beside ours, on the same kind of device (skipped otherwise)."""
         try:
@@ -372,6 +408,8 @@ def main(argv=None):
             suite.training_steps()
         elif part == "pag":
             suite.pag_steps(use_torch=not args.no_torch and not args.smoke)
+        elif part == "adversarial":
+            suite.adversarial_steps()
         else:
             suite.attacks()
         print(f"[{part}: {time.perf_counter() - t:.0f} s]", flush=True)

@@ -14,6 +14,7 @@ ROWS = [("minimal-eps search", "float32"), ("minimal-eps search", "bfloat16"),
         ("PAG: plain CE step", ""),
         ("PAG step", "K=1, shared, reverse_over_reverse"), ("PAG step", "K=1, shared, reverse_over_forward"),
         ("PAG step", "K=10, shared, reverse_over_reverse"), ("PAG step", "K=10, shared, reverse_over_forward"),
+        ("adversarial: plain CE step", ""), ("PGD-AT step", "K=7"), ("TRADES step", "K=10"),
         ("APGD-CE", "iterations"), ("Square", "queries")]
 
 
