@@ -1,4 +1,4 @@
-"""``advalign-jax train``: the trainer, for every objective (cross-entropy, harmonizer, PAG)."""
+"""``advalign-jax train``: the trainer, for every objective (cross-entropy, harmonizer, PAG, adversarial, TRADES)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from advalign_jax.training.trainer import train
 
 def add_parser(sub) -> None:
     tr = sub.add_parser(
-        "train", help="train or fine-tune a model (plain, harmonized or PAG)",
+        "train", help="train or fine-tune a model (plain, harmonized, PAG, adversarial training, TRADES)",
         description="Train per a config under configs/: data-parallel on every device, orbax "
                     "checkpoints with exact resume (rerun the same command), metrics in metrics.csv and "
                     "TensorBoard, and a final model directory that `evaluate` loads.",

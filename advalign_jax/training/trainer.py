@@ -1,4 +1,5 @@
-"""The trainer: one loop for every objective (cross-entropy, the neural harmonizer, PAG, ...).
+"""The trainer: one loop for every objective (cross-entropy, the neural harmonizer, PAG, PGD adversarial
+training, TRADES).
 
 ``advalign-jax train --config configs/<recipe>.py`` runs :func:`train`. Its parts, one module each:
 the train state and step (:mod:`~advalign_jax.training.step`), the input streams
