@@ -34,6 +34,7 @@ import ml_collections
 
 from advalign_jax.data import embedded_files
 from advalign_jax.data.config_block import data_block
+from advalign_jax.training.recipes import runlocal_arrays
 from advalign_jax.training.config_blocks import (arrays_block, eval_attack_block, model_block, objective_block,
                                                  optimizer_block, schedule_block, trainer_fields)
 
@@ -44,16 +45,7 @@ ROBUSTNESS_CIFAR = {"l2": dict(constraint="l2", eps=0.5, step_size=0.1),
 
 
 def _runlocal_arrays(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    c.arrays.source = "synthetic"
-    c.arrays.limit = 64
-    c.arrays.eval_limit = 16
-    c.data.batch_size = 8
-    c.steps_per_epoch = 4
-    c.total_steps = 2
-    c.eval_every = 0
-    c.checkpoint_every = 2
-    c.log_every = 1
-    c.eval_attack.steps = 2
+    runlocal_arrays(c)
     c.objective.adversarial.steps = 2
     return c
 

@@ -28,6 +28,22 @@ from advalign_jax.training.config_blocks import (arrays_block, eval_attack_block
 IMAGENET_TRAIN = 1_281_167
 
 
+def runlocal_arrays(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """An array-data recipe's tiny local mode: 64 synthetic 32-px training images (16 to evaluate),
+    batch 8, two steps, a 2-step evaluation attack (the wiring only; the tests run it)."""
+    c.arrays.source = "synthetic"
+    c.arrays.limit = 64
+    c.arrays.eval_limit = 16
+    c.data.batch_size = 8
+    c.steps_per_epoch = 4
+    c.total_steps = 2
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.log_every = 1
+    c.eval_attack.steps = 2
+    return c
+
+
 def harmonization_recipe(arch: str, arg: str = "", batch_size: int = 1024, base_lr: float = 0.7,
                          epochs: int = 200, **model_options) -> ml_collections.ConfigDict:
     """The recipe for ``arch``; ``arg='runlocal'`` gives a few CPU steps on the embedded shard."""
@@ -118,16 +134,7 @@ def pag_cifar10_recipe(arch: str, arg: str = "nn", pag_weight: float = 15.0, war
         c.objective.warm_steps = warm_epochs * c.steps_per_epoch
         c.objective.warm_weight = warm_weight
     if arg == "runlocal":
-        c.arrays.source = "synthetic"
-        c.arrays.limit = 64
-        c.arrays.eval_limit = 16
-        c.data.batch_size = 8
-        c.steps_per_epoch = 4
-        c.total_steps = 2
-        c.eval_every = 0
-        c.checkpoint_every = 2
-        c.log_every = 1
-        c.eval_attack.steps = 2
+        runlocal_arrays(c)
         if warm_epochs:
             c.objective.warm_steps = 1
     elif arg not in PAG_SOURCES:
