@@ -27,6 +27,9 @@ Variants (``:ARG``):
   vanilla     the default: cross-entropy on the shortcut shards (``data/synth``).
   randomcue   cross-entropy on the cue-random shards (``data/synth_randomcue``).
   harmonized  the neural harmonizer's loss (lambda 1) on the shortcut shards.
+  pgd         PGD adversarial training (the ``robustness`` library's attack: L2 eps 0.25, 5 steps of 0.0625,
+              the best iterate) on the shortcut shards.
+  trades      TRADES (L2 eps 0.25, 5 steps, beta 6) on the shortcut shards.
   runlocal    a few steps on 64-px images, for tests.
 
 The model is ``small_cnn`` at 64 px with a 4x4 patch stem (64 -> 16 -> 8 -> 4 before pooling). Images
@@ -68,6 +71,12 @@ def get_config(arg: str = "vanilla"):
         pass
     elif arg == "harmonized":
         c.objective = objective_block("harmonizer", lambda_harmonization=1.0, pyramid_levels=5, saliency="mean")
+    elif arg == "pgd":
+        c.objective = objective_block("adversarial")
+        c.objective.adversarial.update(dict(constraint="l2", eps=0.25, step_size=0.0625, steps=5))
+    elif arg == "trades":
+        c.objective = objective_block("trades")
+        c.objective.adversarial.update(dict(constraint="l2", eps=0.25, steps=5, beta=6.0))
     elif arg == "runlocal":
         c.data.batch_size = 8
         c.total_steps = 6
@@ -75,5 +84,5 @@ def get_config(arg: str = "vanilla"):
         c.checkpoint_every = 3
         c.log_every = 2
     else:
-        raise ValueError(f"unknown variant {arg!r}: use vanilla, randomcue, harmonized or runlocal")
+        raise ValueError(f"unknown variant {arg!r}: use vanilla, randomcue, harmonized, pgd, trades or runlocal")
     return c

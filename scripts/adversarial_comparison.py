@@ -1,12 +1,18 @@
-"""Vanilla vs PGD adversarial training (L2, Linf) vs TRADES vs PAG on digits, at matched budgets, over
-seeds: each model trained by ``advalign-jax train`` and evaluated by ``advalign-jax evaluate-robust``
-(AutoAttack standard under L2 and PGD-20 at two L2 radii, PGD-20 under Linf) on the 360 held-out
-digits. The table of docs/adversarial_training.md.
+"""Vanilla vs PGD adversarial training vs TRADES vs PAG or the harmonizer, at matched budgets, over seeds:
+each model trained by ``advalign-jax train`` and evaluated by ``advalign-jax evaluate-robust``
+(AutoAttack standard under L2 and PGD-20 at two L2 radii, PGD-20 under Linf). The tables of
+docs/adversarial_training.md.
 
-    python scripts/adversarial_comparison.py [--seeds 0,1,2] [--out results/adversarial_comparison]
+    python scripts/adversarial_comparison.py [--study digits|shapes] [--seeds 0,1,2] [--out DIR]
 
-Every method is the same small CNN, Adam 1e-3, 40 epochs of batch 64 (``configs/adversarial_digits.py``
-and, for PAG, ``configs/pag_digits.py:nn``). Each run is the real command in its own workdir under
+- ``digits`` (the default): the 360 held-out digits; every method is the same small CNN, Adam 1e-3, 40
+  epochs of batch 64 (``configs/adversarial_digits.py`` and, for PAG, ``configs/pag_digits.py:nn``);
+  radii L2 1.0 and 2.0, Linf 0.1.
+- ``shapes``: the synthetic ClickMe shapes with the corner-patch shortcut (``configs/demo.py``, its data
+  made first with ``advalign-jax data synth --config configs/synthetic_clickme.py:train --out
+  data/synth``), the demonstration's small CNN at 64 px for 1,500 steps of batch 64 (half its budget),
+  evaluated on the embedded validation shard's 128 images; vanilla, PGD-AT and TRADES (L2 eps 0.25, 3
+  attack steps) and the harmonizer; radii L2 0.25 and 0.5, Linf 2/255. Each run is the real command in its own workdir under
 ``OUT``, so an interrupted comparison resumes (finished runs are reused); ``OUT/runs.csv`` holds one row
 per method and seed, ``OUT/table.csv`` the mean over seeds with its 95% t-interval, and the table is
 printed in Markdown.
@@ -24,16 +30,28 @@ import sys
 
 from scipy import stats
 
-METHODS = {  # name: (config, the training attack in words)
-    "vanilla": ("configs/adversarial_digits.py:vanilla", "none"),
-    "PGD-AT L2": ("configs/adversarial_digits.py:pgd", "L2 eps 1.0, 7 steps"),
-    "PGD-AT Linf": ("configs/adversarial_digits.py:pgd_linf", "Linf eps 0.1, 7 steps"),
-    "TRADES L2": ("configs/adversarial_digits.py:trades", "L2 eps 1.0, 10 steps, beta 6"),
-    "PAG (NN targets)": ("configs/pag_digits.py:nn", "none (input-gradient alignment)"),
-}
-EVALS = {  # name: (attacks, eps.l2, eps.linf)
-    "a": ("('pgd-l2', 'pgd-linf', 'autoattack-l2')", 1.0, 0.1),
-    "b": ("('pgd-l2',)", 2.0, 0.1),
+SHAPES = ["total_steps=1500", "checkpoint_every=500"]  # half the demonstration's budget
+SHAPES_ATTACK = ["objective.adversarial.steps=3", "objective.adversarial.step_size=0.1"]
+STUDIES = {
+    "digits": {
+        "methods": {  # name: (config, overrides, the training attack in words)
+            "vanilla": ("configs/adversarial_digits.py:vanilla", [], "none"),
+            "PGD-AT L2": ("configs/adversarial_digits.py:pgd", [], "L2 eps 1.0, 7 steps"),
+            "PGD-AT Linf": ("configs/adversarial_digits.py:pgd_linf", [], "Linf eps 0.1, 7 steps"),
+            "TRADES L2": ("configs/adversarial_digits.py:trades", [], "L2 eps 1.0, 10 steps, beta 6"),
+            "PAG (NN targets)": ("configs/pag_digits.py:nn", [], "none (input-gradient alignment)"),
+        },
+        "source": "digits", "radii": (1.0, 2.0, 0.1),
+    },
+    "shapes": {
+        "methods": {
+            "vanilla": ("configs/demo.py:vanilla", SHAPES, "none"),
+            "PGD-AT L2": ("configs/demo.py:pgd", SHAPES + SHAPES_ATTACK, "L2 eps 0.25, 3 steps"),
+            "TRADES L2": ("configs/demo.py:trades", SHAPES + SHAPES_ATTACK[:1], "L2 eps 0.25, 3 steps, beta 6"),
+            "harmonizer": ("configs/demo.py:harmonized", SHAPES, "none (human-map alignment)"),
+        },
+        "source": "embedded", "radii": (0.25, 0.5, 2 / 255),
+    },
 }
 COLUMNS = ["clean", "pgd_l2_1", "autoattack_l2_1", "pgd_l2_2", "pgd_linf_01", "step_time_s"]
 
@@ -49,19 +67,22 @@ def read(path: str) -> list:
         return list(csv.DictReader(f))
 
 
-def one(out: str, method: str, seed: int) -> dict:
-    config, _ = METHODS[method]
+def one(out: str, study: dict, method: str, seed: int) -> dict:
+    config, overrides, _ = study["methods"][method]
     tag = method.replace(" ", "_").replace("(", "").replace(")", "")
     work = os.path.join(out, f"{tag}_s{seed}")
-    run(["train", "--config", config, f"--config.workdir={work}", f"--config.seed={seed}"])
+    run(["train", "--config", config, f"--config.workdir={work}", f"--config.seed={seed}",
+         *[f"--config.{o}" for o in overrides]])
+    r1, r2, linf = study["radii"]
+    evals = {"a": ("('pgd-l2', 'pgd-linf', 'autoattack-l2')", r1, linf), "b": ("('pgd-l2',)", r2, linf)}
     row = {"method": method, "seed": seed}
     times = [float(r["step_time_s"]) for r in read(os.path.join(work, "metrics.csv")) if r.get("step_time_s")]
     row["step_time_s"] = statistics.median(times[1:] or times)  # the first logged steps include compilation
-    for name, (attacks, l2, linf) in EVALS.items():
+    for name, (attacks, l2, linf) in evals.items():
         ev = os.path.join(work, f"robust_{name}")
         run(["evaluate-robust", "--config", "configs/robustness.py:runlocal", f"--config.model_dir={work}/model",
-             "--config.data.source=digits", "--config.max_examples=0", f"--config.attacks={attacks}",
-             f"--config.eps.l2={l2}", f"--config.eps.linf={linf}", "--config.batch_size=360",
+             f"--config.data.source={study['source']}", "--config.max_examples=0", f"--config.attacks={attacks}",
+             f"--config.eps.l2={l2}", f"--config.eps.linf={linf}", "--config.batch_size=400",
              "--config.pgd.steps=20", "--config.apgd.n_iter=100", "--config.apgd.n_target_classes=9",
              "--config.fab.n_iter=100", "--config.square.n_queries=5000", f"--config.workdir={ev}"])
         summary = {(r["attack"], r["stage"]): r for r in read(os.path.join(ev, "summary.csv"))}
@@ -87,33 +108,38 @@ def interval(values) -> tuple:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="digits", choices=sorted(STUDIES))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", default="results/adversarial_comparison")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    p.add_argument("--out", default="", help="default: results/adversarial_comparison (digits) or "
+                                             "results/adversarial_comparison_shapes")
+    p.add_argument("--methods", default="", help="comma-separated (default: all of the study)")
     args = p.parse_args()
+    study = STUDIES[args.study]
+    out = args.out or ("results/adversarial_comparison" + ("" if args.study == "digits" else f"_{args.study}"))
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods = [m.strip() for m in args.methods.split(",")]
-    os.makedirs(args.out, exist_ok=True)
-    rows = [one(args.out, m, s) for m in methods for s in seeds]
-    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(study["methods"])
+    os.makedirs(out, exist_ok=True)
+    rows = [one(out, study, m, s) for m in methods for s in seeds]
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, ["method", "seed", *COLUMNS])
         w.writeheader()
         w.writerows(rows)
     table = []
     for m in methods:
         mine = [r for r in rows if r["method"] == m]
-        entry = {"method": m, "trained against": METHODS[m][1], "seeds": len(mine)}
+        entry = {"method": m, "trained against": study["methods"][m][2], "seeds": len(mine)}
         for c in COLUMNS:
             entry[c] = interval([r[c] for r in mine])
         table.append(entry)
-    with open(os.path.join(args.out, "table.csv"), "w", newline="") as f:
+    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["method", "seeds", *[f"{c}{s}" for c in COLUMNS for s in ("", "_low", "_high")]])
         for e in table:
             w.writerow([e["method"], e["seeds"], *[f"{v:.6g}" for c in COLUMNS for v in e[c]]])
     pct = lambda t: f"{100 * t[0]:.1f} [{100 * t[1]:.1f}, {100 * t[2]:.1f}]"  # noqa: E731
-    print("| method | trained against | clean % | PGD-20 L2 1.0 % | AutoAttack L2 1.0 % | PGD-20 L2 2.0 % | "
-          "PGD-20 Linf 0.1 % | step (ms) |")
+    r1, r2, linf = study["radii"]
+    print(f"| method | trained against | clean % | PGD-20 L2 {r1:g} % | AutoAttack L2 {r1:g} % | PGD-20 L2 {r2:g} % | "
+          f"PGD-20 Linf {linf:.3g} % | step (ms) |")
     print("|---|---|---|---|---|---|---|---|")
     for e in table:
         print(f"| {e['method']} | {e['trained against']} | {pct(e['clean'])} | {pct(e['pgd_l2_1'])} | "
