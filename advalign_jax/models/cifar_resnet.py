@@ -212,6 +212,7 @@ class CifarResNet(nn.Module):
                           name=f"layer{i + 1}_{j}")(x, train)
             self.sow("intermediates", f"layer{i + 1}_out", x)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return torch_dense(self.num_classes, x.shape[-1], dtype, "linear")(x)
 
 

@@ -161,6 +161,7 @@ class CifarViT(nn.Module):
             self.sow("intermediates", f"enc{i}_out", x)
         x = x[:, 0] if self.cls_token else jnp.mean(x, axis=1)
         x = _layer_norm(dtype, "fc_norm")(x)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return torch_dense(self.num_classes, self.hidden, dtype, "head")(x)
 
 

@@ -128,6 +128,7 @@ class ConvNeXt(nn.Module):
             self.sow("intermediates", f"stage{i}_out", x)
         x = jnp.mean(x, axis=(1, 2))
         x = _layer_norm("head_norm", dtype)(x)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
 
 

@@ -180,6 +180,7 @@ class EfficientNet(nn.Module):
         self.sow("intermediates", "top_out", x)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
         x = nn.Dropout(self.dropout_rate, deterministic=not train or self.dropout_rate == 0)(x)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
 
 

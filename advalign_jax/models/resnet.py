@@ -158,6 +158,7 @@ class ResNet(nn.Module):
                 channels = width * block_cls.expansion
             self.sow("intermediates", f"layer{s + 1}_out", x)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)  # float32 (float64 for float64)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="fc")(x)
 
 

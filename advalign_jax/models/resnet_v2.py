@@ -95,6 +95,7 @@ class ResNetV2(nn.Module):
             self.sow("intermediates", f"conv{s + 2}_out", x)
         x = nn.relu(batch_norm(train, "post_bn", momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=dtype)(x))
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="predictions")(x)
 
 

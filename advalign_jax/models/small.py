@@ -54,6 +54,7 @@ class MLP(nn.Module):
 
         x = nn.relu(dense(self.hidden, x.shape[-1], "fc1")(x))
         self.sow("intermediates", "hidden_out", x)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return dense(self.num_classes, self.hidden, "fc2")(x)
 
 
@@ -113,6 +114,7 @@ class SmallCNN(nn.Module):
             x = stage(width, pool=i < len(self.widths) - 2, dtype=self.dtype, name=f"stage{i + 1}")(x, train)
             self.sow("intermediates", f"stage{i + 1}_out", x)
         x = jnp.mean(x, axis=(1, 2))
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
 
 

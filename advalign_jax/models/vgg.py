@@ -154,6 +154,7 @@ class VGG(nn.Module):
             x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name="fc2")(x))
         self.sow("intermediates", "fc2_out", x)
         x = drop(x)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
 
 

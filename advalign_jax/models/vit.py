@@ -159,6 +159,7 @@ class ViT(nn.Module):
             x = _layer_norm("norm", dtype)(x)[:, 0]
         else:
             x = _layer_norm("norm", dtype)(jnp.mean(x[:, 1:], axis=1))
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
 
 

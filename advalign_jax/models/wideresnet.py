@@ -107,6 +107,7 @@ class WideResNet(nn.Module):
         x = TorchBatchNorm(use_running_average=not train, dtype=dtype, axis_name=self.bn_axis_name, name="bn1")(x)
         x = nn.relu(x)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)
+        self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, kernel_init=torch_kernel_init, bias_init=nn.initializers.zeros,
                         name="fc")(x)
 
