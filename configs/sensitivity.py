@@ -126,11 +126,11 @@ def get_config(arg: str = "default"):
         c.models = ()
         c.data.source = "digits"
         c.data.split = "test"
-        c.max_examples = 42
-        c.units.count = 21
+        c.max_examples = 24
+        c.units.count = 10
         c.eps = (0.25, 0.5, 1.0, 2.0)
-        c.search.restarts = 10
-        c.search.steps = 20
+        c.search.restarts = 4
+        c.search.steps = 15
         c.batch_size = 32
         c.workdir = "results/sensitivity_digits"
     else:

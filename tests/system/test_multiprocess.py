@@ -1,8 +1,8 @@
 """The commands as several JAX processes (``scripts/launch_local.sh``: coordinator on 127.0.0.1, gloo
 collectives), against the same command as one process with as many devices in all.
 
-- ``evaluate`` and ``evaluate-robust``: the same per-image (per-example) rows and summary, written by
-  process 0 alone;
+- ``evaluate``, ``evaluate-robust`` and ``evaluate-sensitivity``: the same per-image (per-example,
+  per-item) rows and summary, written by process 0 alone;
 - ``train`` (PAG toy, CE on ClickMe shards): the same parameters after a few SGD steps, up to float32
   rounding (the global batches hold the same examples, ``process_sharding='global'`` for ClickMe;
   the order of the gradient's cross-device sum differs);
@@ -97,6 +97,22 @@ def test_evaluate_robust_as_two_processes_writes_the_single_process_rows(tmp_pat
     drop = lambda text: [r.split(",")[:10] for r in text.splitlines()]  # noqa: E731  (times last)
     assert drop((tmp_path / "one" / "summary.csv").read_text()) == drop((tmp_path / "two" / "summary.csv").read_text())
     assert "[0] pgd-linf" in proc.stdout and "[1] pgd-linf" not in proc.stdout  # one speaks
+    assert "[0] results:" in proc.stdout and "[1] results:" not in proc.stdout
+
+
+SENSITIVITY = ["evaluate-sensitivity", "--config", "configs/sensitivity.py:runlocal", "--no-progress",
+               "--config.models=('vanilla=checkpoints/small_cnn_vanilla',)", "--config.max_examples=3",
+               "--config.units.count=2", "--config.eps=(0.5,)", "--config.search.restarts=1",
+               "--config.search.steps=2", "--config.batch_size=4"]
+
+
+def test_evaluate_sensitivity_as_two_processes_writes_the_single_process_rows(tmp_path):
+    _ok(one(SENSITIVITY + [f"--config.workdir={tmp_path / 'one'}"]))
+    proc = _ok(two(SENSITIVITY + [f"--config.workdir={tmp_path / 'two'}"]))
+    a = (tmp_path / "one" / "per_item" / "vanilla.csv").read_text().splitlines()
+    b = (tmp_path / "two" / "per_item" / "vanilla.csv").read_text().splitlines()
+    assert a[0] == b[0] and sorted(a[1:]) == sorted(b[1:]) and len(b) == 7  # each item once, same values
+    assert (tmp_path / "one" / "summary.csv").read_text() == (tmp_path / "two" / "summary.csv").read_text()
     assert "[0] results:" in proc.stdout and "[1] results:" not in proc.stdout
 
 

@@ -1,0 +1,143 @@
+"""Unit sensitivity of vanilla, adversarially trained, TRADES, PAG and harmonized models, over seeds: the
+tables and figure of docs/sensitivity.md.
+
+    python scripts/sensitivity_comparison.py [--study digits|shapes] [--seeds 0,1,2] [--out DIR]
+
+The models are those of ``scripts/adversarial_comparison.py`` (run it first for the same study and
+seeds): ``digits``: vanilla, PGD-AT L2, PGD-AT Linf, TRADES L2 and PAG (NN targets), 16 px;
+``shapes``: vanilla, PGD-AT L2, TRADES L2 and the harmonizer on the synthetic shapes, 64 px. For each
+seed one ``advalign-jax evaluate-sensitivity`` run measures every model of that seed on the same images
+(the first 24 test digits, or the first 24 embedded validation shapes) and the same seeded starts: 10
+penultimate units per model (a seeded sample), L2 eps 0.25, 0.5, 1 and 2 (digits) or 0.1, 0.25, 0.5 and 1
+(shapes), 4 restarts per sign, 15 + 15 steps (``configs/sensitivity.py:digits``; a 2-core CPU budget). ``OUT/seedS/`` holds each run's files (``summary.csv``,
+``comparison.csv``, ``sensitivity.png``); ``OUT/table.csv`` the mean over seeds of each model's
+normalised sensitivity with its 95% t-interval and each seed's value, ``OUT/ratios.csv`` the ratio
+vanilla / method per seed and eps (the study's "10x"), and ``OUT/sensitivity.png`` the curves averaged
+over seeds. Interrupted, it resumes (each run resumes its workdir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+from scipy import stats
+
+STUDIES = {
+    "digits": {"source": "results/adversarial_comparison", "data": ["--config.data.source=digits",
+                                                                    "--config.data.split=test"],
+               "methods": ["vanilla", "PGD-AT L2", "PGD-AT Linf", "TRADES L2", "PAG (NN targets)"],
+               "eps": "(0.25, 0.5, 1.0, 2.0)"},
+    "shapes": {"source": "results/adversarial_comparison_shapes", "data": ["--config.data.source=embedded"],
+               "methods": ["vanilla", "PGD-AT L2", "TRADES L2", "harmonizer"], "eps": "(0.1, 0.25, 0.5, 1.0)"},
+}
+
+
+def slug(method: str) -> str:
+    return method.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def read(path: str) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def interval(values) -> tuple:
+    n, m = len(values), statistics.fmean(values)
+    if n < 2:
+        return m, float("nan"), float("nan")
+    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return m, m - half, m + half
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", default="digits", choices=sorted(STUDIES))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default="", help="default: results/sensitivity_STUDY")
+    args = p.parse_args()
+    study = STUDIES[args.study]
+    out = args.out or f"results/sensitivity_{args.study}"
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = study["methods"]
+    per_seed = {}
+    for s in seeds:
+        models = [f"{slug(m)}={study['source']}/{slug(m)}_s{s}/model" for m in methods]
+        work = os.path.join(out, f"seed{s}")
+        cmd = [sys.executable, "-m", "advalign_jax.cli.main", "evaluate-sensitivity", "--config",
+               "configs/sensitivity.py:digits", "--no-progress", f"--config.models={tuple(models)!r}",
+               *study["data"], f"--config.eps={study['eps']}", f"--config.workdir={work}"]
+        print("+", " ".join(cmd[2:]), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
+        per_seed[s] = read(os.path.join(work, "summary.csv"))
+    eps = sorted({float(r["eps"]) for r in per_seed[seeds[0]]})
+    value = {(s, r["model"], float(r["eps"])): float(r["normalized"]) for s in seeds for r in per_seed[s]}
+    base = {(s, r["model"]): float(r["baseline"]) for s in seeds for r in per_seed[s]}
+    table, ratios = [], []
+    for m in methods:
+        for e in eps:
+            vals = [value[(s, slug(m), e)] for s in seeds]
+            mean, lo, hi = interval(vals)
+            b = interval([base[(s, slug(m))] for s in seeds])
+            table.append({"method": m, "eps": e, "normalized": mean, "low": lo, "high": hi,
+                          "per_seed": " ".join(f"{v:.3g}" for v in vals), "baseline": b[0]})
+            if m != methods[0]:
+                r = [value[(s, slug(methods[0]), e)] / value[(s, slug(m), e)] for s in seeds]
+                mean, lo, hi = interval(r)
+                ratios.append({"method": m, "eps": e, "ratio": mean, "low": lo, "high": hi,
+                               "per_seed": " ".join(f"{v:.3g}" for v in r)})
+    for name, rows in (("table.csv", table), ("ratios.csv", ratios)):
+        with open(os.path.join(out, name), "w", newline="") as f:
+            w = csv.DictWriter(f, list(rows[0]))
+            w.writeheader()
+            w.writerows([{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows])
+    _plot(os.path.join(out, "sensitivity.png"), table, methods, args.study)
+    print("| method | " + " | ".join(f"eps {e:g}" for e in eps) + " | random pairs |")
+    print("|---|" + "---|" * (len(eps) + 1))
+    for m in methods:
+        cells = [r for r in table if r["method"] == m]
+        print(f"| {m} | " + " | ".join(f"{r['normalized']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" for r in cells)
+              + f" | {cells[0]['baseline']:.2f} |")
+    print()
+    print(f"| {methods[0]} / method | " + " | ".join(f"eps {e:g}" for e in eps) + " |")
+    print("|---|" + "---|" * len(eps))
+    for m in methods[1:]:
+        cells = [r for r in ratios if r["method"] == m]
+        print(f"| {m} | " + " | ".join(f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]" for r in cells) + " |")
+    return 0
+
+
+def _plot(path: str, table: list, methods: list, study: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, m in enumerate(methods):
+        rows = [r for r in table if r["method"] == m]
+        x = [r["eps"] for r in rows]
+        y = [r["normalized"] for r in rows]
+        err = [[r["normalized"] - r["low"] for r in rows], [r["high"] - r["normalized"] for r in rows]]
+        err = [[0 if math.isnan(v) else v for v in side] for side in err]
+        c = f"C{k}"
+        ax.errorbar(x, y, yerr=err, fmt="o-", color=c, capsize=3, label=m)
+        ax.axhline(rows[0]["baseline"], color=c, ls="--", lw=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("eps (L2, [0, 1] pixels)")
+    ax.set_ylabel("normalised sensitivity s / sigma (mean over seeds)")
+    ax.set_title(f"{study}: penultimate units; dashed: random image pairs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
