@@ -10,7 +10,7 @@ docs/adversarial_training.md.
   radii L2 1.0 and 2.0, Linf 0.1.
 - ``shapes``: the synthetic ClickMe shapes with the corner-patch shortcut (``configs/demo.py``, its data
   made first with ``advalign-jax data synth --config configs/synthetic_clickme.py:train --out
-  data/synth``), the demonstration's small CNN at 64 px for 1,500 steps of batch 64 (half its budget),
+  data/synth``), the demonstration's small CNN at 64 px for 1,000 steps of batch 64 (a third of its budget),
   evaluated on the embedded validation shard's 128 images; vanilla, PGD-AT and TRADES (L2 eps 0.25, 3
   attack steps) and the harmonizer; radii L2 0.25 and 0.5, Linf 2/255. Each run is the real command in its own workdir under
 ``OUT``, so an interrupted comparison resumes (finished runs are reused); ``OUT/runs.csv`` holds one row
@@ -30,7 +30,7 @@ import sys
 
 from scipy import stats
 
-SHAPES = ["total_steps=1500", "checkpoint_every=500"]  # half the demonstration's budget
+SHAPES = ["total_steps=1000", "checkpoint_every=500"]  # a third of the demonstration's budget
 SHAPES_ATTACK = ["objective.adversarial.steps=3", "objective.adversarial.step_size=0.1"]
 STUDIES = {
     "digits": {

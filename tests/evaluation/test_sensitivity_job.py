@@ -142,6 +142,7 @@ def test_sites_through_a_readout(models, tmp_path):
     assert {r["unit"] for r in rows} == {"s0", "s1", "s2", "s3"}
     summary = _read(work / "summary.csv")
     assert float(summary[0]["readout_r"]) > 0.9 and int(summary[0]["num_units"]) == 4
+    assert int(summary[0]["left_out_units"]) == 1  # the silent site: reported, left out, counted
     assert {float(r["normalized"]) > 0 for r in summary} == {True}
     comparison = _read(work / "comparison.csv")
     assert len(comparison) == 2  # the same sites of two models: units paired

@@ -9,7 +9,7 @@
   ``sign`` (+1 / -1: which side won), ``restart``, ``norm`` (``||d||_2``), ``target`` (targeted mode:
   the level; else empty).
 - ``summary.csv`` (:data:`SUMMARY_COLUMNS`), per model and eps: the units and images counted, units
-  left out (zero spread), the raw mean, the normalised mean with its two-way bootstrap interval, the
+  left out (zero spread over the images, or a readout's sites with zero variance), the raw mean, the normalised mean with its two-way bootstrap interval, the
   random-pair baseline with its interval, their ratio, the readout's cross-validated predictivity
   (sites only), and in the targeted mode the mean normalised distance to the target and the share of
   items brought within ``target.tolerance`` sigmas of it.
@@ -68,8 +68,10 @@ def tables(rows: dict, grid) -> tuple:
 
 
 def summary_rows(name: str, grid, units, rows: dict, sigma: np.ndarray, valid: np.ndarray, baseline: np.ndarray,
-                 readout_r: float, tolerance: float, boot: dict) -> list:
-    """The ``summary.csv`` rows of one model (one per eps)."""
+                 readout_r: float, tolerance: float, boot: dict, left_out: int = 0) -> list:
+    """The ``summary.csv`` rows of one model (one per eps); ``left_out``: units left out before the
+    measurement (a readout's sites with zero variance over the recordings), counted with the units of
+    zero spread over the measured images."""
     sens, dist = tables(rows, grid)
     keep = valid & np.isfinite(sigma) & (sigma > 0)
     base = stats.vector_mean(baseline[keep], **boot)
@@ -78,7 +80,7 @@ def summary_rows(name: str, grid, units, rows: dict, sigma: np.ndarray, valid: n
         norm = sens[e][keep] / sigma[keep][:, None]
         mean = stats.table_mean(norm, **boot)
         row = {"model": name, "layer": units.layer, "reduce": units.reduce, "eps": float(eps),
-               "num_units": int(keep.sum()), "num_images": grid.num_images, "left_out_units": int((~keep).sum()),
+               "num_units": int(keep.sum()), "num_images": grid.num_images, "left_out_units": int((~keep).sum()) + left_out,
                "sensitivity": float(np.nanmean(sens[e][keep])) if keep.any() else float("nan"),
                "normalized": mean[0], "normalized_low": mean[1], "normalized_high": mean[2],
                "baseline": base[0], "baseline_low": base[1], "baseline_high": base[2],

@@ -288,7 +288,8 @@ def _write_summaries(config, job, prepared, results, boot, targeted) -> list:
         if missing:
             raise DataError(f"{rows.path}: {missing} items missing after the run")
         summary += files.summary_rows(m.name, grid, m.units, rows.rows, sigma, valid, baseline, m.readout_r,
-                                      float(config.target.tolerance), boot)
+                                      float(config.target.tolerance), boot,
+                                      m.units.readout.left_out if m.units.readout is not None else 0)
         sens, _ = files.tables(rows.rows, grid)
         keep = valid & (sigma > 0)
         norm_tables[m.name] = [sens[e][keep] / sigma[keep][:, None] for e in range(len(grid.eps))]
