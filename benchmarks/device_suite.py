@@ -1,7 +1,7 @@
 """One command that measures the project's heavy paths on whatever device JAX sees, as a Markdown table.
 
-    python benchmarks/device_suite.py [--smoke] [--out results/device_suite.md] [--parts eps train pag attacks]
-                                      [--images 1000] [--no-torch]
+    python benchmarks/device_suite.py [--smoke] [--out results/device_suite.md] [--images 1000] [--no-torch]
+                                      [--parts eps train pag adversarial attacks sensitivity]
 
 Rows (each timed after one warm-up call that compiles it; compile time is reported separately; the
 timing rule of ``benchmarks/timing.py``, ``jax.block_until_ready`` on every result):
@@ -25,11 +25,19 @@ timing rule of ``benchmarks/timing.py``, ``jax.block_until_ready`` on every resu
   one program; the floor is K + 1 (PGD-AT) or K + 2 (TRADES) times the plain CE step's time.
 - ``APGD-CE`` (L-inf, 8/255, 100 iterations) and ``Square`` (L-inf, 8/255, 1,000 queries) on the CIFAR
   ResNet-18: images/s.
+- ``sensitivity``: the unit-sensitivity search
+  (:func:`advalign_jax.evaluation.sensitivity.optimize.item_sensitivity`, the study's procedure: both
+  signs, 2 eps then eps, 20 steps per phase, decay 0.9) of ResNet-50's penultimate units (224 px, eps
+  1) on a batch of 4 items x 2 x 16 restarts = 128 runs in one program: items/s (the "images"
+  columns count items), the floor (``2 (1 + steps)`` times the measured forward-backward pass at the
+  batch of runs, plus the measured forward passes of the final points and the clean images) and, in
+  the note, ours / floor and the projected time of the study's workload at this rate (21 sites x 42
+  images x 7 eps x 2 signs x 100 restarts = 1,234,800 runs of 2 x 21 passes, per model).
 
 ``--smoke`` shrinks everything (a 2-stage ``small_cnn`` and a 2-stage CIFAR ResNet of width 4-8,
-16-32 px images, a few images and steps, XLA's cheapest compilation) so the whole table is produced on
-a CPU in about a minute; its numbers only show that every row runs. The full mode is sized to take
-under 8 minutes on one GPU.
+16-32 px images, a few images, items and steps, XLA's cheapest compilation) so the whole table is
+produced on a CPU in about a minute; its numbers only show that every row runs. The full mode is
+sized to take under 8 minutes on one GPU.
 """
 
 import argparse
@@ -52,6 +60,7 @@ from timing import best_time  # noqa: E402  (benchmarks/timing.py)
 from advalign_jax.attacks.apgd import APGDConfig, apgd  # noqa: E402
 from advalign_jax.attacks.search import REFERENCE_ATTACK, ReferenceSearch, attacks_per_image, reference_search  # noqa: E402
 from advalign_jax.attacks.square import SquareConfig, square  # noqa: E402
+from advalign_jax.evaluation.sensitivity.optimize import SearchConfig, item_sensitivity  # noqa: E402
 from advalign_jax.losses import pag as P  # noqa: E402
 from advalign_jax.models import get_model  # noqa: E402
 from advalign_jax.training import objectives  # noqa: E402
@@ -59,7 +68,9 @@ from advalign_jax.training.config_blocks import REFERENCE_DECAY_EXCLUDE, objecti
 from advalign_jax.training.objectives import ce as ce_objective  # noqa: E402
 from advalign_jax.training.objectives import harmonizer  # noqa: E402
 
-PARTS = ("eps", "train", "pag", "adversarial", "attacks")
+PARTS = ("eps", "train", "pag", "adversarial", "attacks", "sensitivity")
+# The sensitivity study's workload per model (configs/sensitivity.py): sites, images, eps, restarts per sign.
+STUDY_SITES, STUDY_IMAGES, STUDY_EPS, STUDY_RESTARTS, STUDY_STEPS = 21, 42, 7, 100, 20
 # Dense peak FLOP/s by a substring of device_kind: (bfloat16, float32 at XLA's default precision = TF32).
 PEAK_FLOPS = {"H100": (989e12, 494e12), "H200": (989e12, 494e12), "A100": (312e12, 156e12),
               "L4": (121e12, 60e12), "TPU v4": (275e12, 275e12), "TPU v5 lite": (197e12, 197e12),
@@ -88,6 +99,11 @@ class Sizes:
     attack_images: int = 500
     apgd_iter: int = 100
     square_queries: int = 1000
+    sens_model: str = "resnet50"
+    sens_options: dict = dataclasses.field(default_factory=dict)
+    sens_items: int = 4
+    sens_restarts: int = 16
+    sens_steps: int = STUDY_STEPS
     repeats: int = 3
 
 
@@ -96,7 +112,8 @@ def smoke_sizes() -> Sizes:
     return Sizes(eps_model="small_cnn", eps_options=small, eps_images=8, eps_batch=4, train_model="small_cnn",
                  train_options=dict(small, input_size=32), train_batch=4,
                  cifar_options=dict(stage_sizes=(1, 1), widths=(4, 8), input_size=16), pag_batch=4,
-                 attack_images=4, apgd_iter=5, square_queries=20, repeats=1)
+                 attack_images=4, apgd_iter=5, square_queries=20, sens_model="small_cnn", sens_options=small,
+                 sens_items=2, sens_restarts=2, sens_steps=2, repeats=1)
 
 
 class Suite:
@@ -354,6 +371,58 @@ class Suite:
         self.timed("Square", f"{arch}, L-inf 8/255, {s.square_queries} queries", n,
                    lambda v, xx, yy: square(model.logits_fn(v), xx, yy, eps, q_cfg)[0], (variables, x, y))
 
+    # ------------------------------------------------------------------ (e) the unit-sensitivity search
+
+    def sensitivity(self):
+        s = self.sizes
+        model = get_model(s.sens_model, **s.sens_options)
+        variables = self.init(model)
+        size, b, r, steps = model.input_size, s.sens_items, s.sens_restarts, s.sens_steps
+        cfg = SearchConfig(restarts=r, steps=steps, wide=2.0, decay=0.9, start="random", clip=(0.0, 1.0))
+
+        def features(v, z):
+            return model.intermediates(v, z)["features"]
+
+        units = int(jax.eval_shape(features, variables, model.dummy_input(1)).shape[1])
+        rng = np.random.default_rng(4)
+        x = jnp.asarray(rng.uniform(size=(b, size, size, 3)).astype(np.float32))
+        unit = jnp.asarray(np.arange(b) % units, jnp.int32)
+        eps = jnp.ones(b, jnp.float32)
+        keys = jax.random.split(jax.random.PRNGKey(0), b)
+
+        def search(v, xb, ub, eb, kb):
+            return item_sensitivity(lambda z: features(v, z), xb, ub, eb, kb, cfg)["sensitivity"]
+
+        runs = b * 2 * r
+        self.timed("sensitivity", f"{s.sens_model} {size}px float32, features units, {b} items x {2 * r} runs, "
+                   f"{steps} steps", b, search, (variables, x, unit, eps, keys))
+        row = self.rows[-1]
+
+        # the floor: 2 (1 + steps) forward-backward passes at the batch of runs, plus the forwards of the
+        # runs' final points and of the items' clean images, each measured alone
+        def fwd_bwd(v, z, u):
+            return jax.grad(lambda q: jnp.sum(jnp.take_along_axis(features(v, q), u[:, None], axis=1)))(z)
+
+        def fwd(v, z, u):
+            return jnp.take_along_axis(features(v, z), u[:, None], axis=1)[:, 0]
+
+        xs, us = jnp.repeat(x, 2 * r, axis=0), jnp.repeat(unit, 2 * r)
+        piece = {}
+        for name, fn, args in (("pass", fwd_bwd, (variables, xs, us)), ("forward", fwd, (variables, xs, us)),
+                               ("clean", fwd, (variables, x, unit))):
+            compiled = self.compile(fn, *args)[0]
+            piece[name] = best_time(lambda c=compiled, a=args: jax.block_until_ready(c(*a)), s.repeats)
+        per_run = 2 * (1 + steps)
+        floor = per_run * piece["pass"] + piece["forward"] + piece["clean"]
+        row["floor s"] = floor
+        study_runs = STUDY_SITES * STUDY_IMAGES * STUDY_EPS * 2 * STUDY_RESTARTS
+        # per run-pass time of ours, scaled to the study's passes per run
+        projected = row["run s"] / (runs * per_run) * study_runs * 2 * (1 + STUDY_STEPS)
+        row["note"] = (f"{runs / row['run s']:.3g} runs/s, {runs * per_run} forward-backward passes; ours / floor "
+                       f"{row['run s'] / floor:.2f}; the study ({STUDY_SITES} sites x {STUDY_IMAGES} images x "
+                       f"{STUDY_EPS} eps x 2 x {STUDY_RESTARTS} restarts = {study_runs:,} runs of "
+                       f"{2 * (1 + STUDY_STEPS)} passes) at this rate: {projected / 3600:.3g} h per model")
+
     # ------------------------------------------------------------------ the table
 
     def markdown(self, total_s: float) -> str:
@@ -410,8 +479,10 @@ def main(argv=None):
             suite.pag_steps(use_torch=not args.no_torch and not args.smoke)
         elif part == "adversarial":
             suite.adversarial_steps()
-        else:
+        elif part == "attacks":
             suite.attacks()
+        else:
+            suite.sensitivity()
         print(f"[{part}: {time.perf_counter() - t:.0f} s]", flush=True)
     table = suite.markdown(time.perf_counter() - start)
     print(table)

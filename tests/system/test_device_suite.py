@@ -15,7 +15,7 @@ ROWS = [("minimal-eps search", "float32"), ("minimal-eps search", "bfloat16"),
         ("PAG step", "K=1, shared, reverse_over_reverse"), ("PAG step", "K=1, shared, reverse_over_forward"),
         ("PAG step", "K=10, shared, reverse_over_reverse"), ("PAG step", "K=10, shared, reverse_over_forward"),
         ("adversarial: plain CE step", ""), ("PGD-AT step", "K=7"), ("TRADES step", "K=10"),
-        ("APGD-CE", "iterations"), ("Square", "queries")]
+        ("APGD-CE", "iterations"), ("Square", "queries"), ("sensitivity", "features units")]
 
 
 def test_smoke_run_writes_every_row(tmp_path):

@@ -51,6 +51,10 @@ import jax.numpy as jnp
 from advalign_jax.errors import ConfigError
 
 _TINY = 1e-30
+# Phases of at most this many steps are unrolled by default: XLA:CPU runs a model's passes inside a while
+# loop about 2x slower (15 steps of the digits CNN: 1.9 s unrolled, 3.7 s looped; compilation +2 s), and
+# the compile time grows with the unrolled steps. The result is the same either way.
+UNROLL_MAX_STEPS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,8 @@ class SearchConfig:
     ``decay``: the step's factor after an iteration without progress (0.9; 1 keeps it fixed).
     ``start``: ``'random'`` (uniform in the first phase's ball) or ``'zero'`` (every restart at 0:
     deterministic, for checks). ``clip``: the valid input range ``(lo, hi)``, or ``None``.
+    ``unroll``: steps per iteration of the compiled loop (speed only); ``None``: every step when
+    ``steps <= UNROLL_MAX_STEPS``, else a plain loop.
     """
 
     restarts: int = 10
@@ -70,6 +76,7 @@ class SearchConfig:
     decay: float = 0.9
     start: str = "random"
     clip: Optional[Tuple[float, float]] = (0.0, 1.0)
+    unroll: Optional[int] = None  # steps per iteration of the compiled loop; None: UNROLL_MAX_STEPS rule
 
     def __post_init__(self):
         if int(self.restarts) < 1:
@@ -145,7 +152,9 @@ def maximise(objective: Callable, x, eps, keys, config: SearchConfig, init=None)
             return (jnp.where(b, cand, best_d), jnp.where(better, v, best_v), jnp.where(b, g, best_g),
                     jnp.where(better, alpha, alpha * config.decay))
 
-        best_d, best_v, _, _ = jax.lax.fori_loop(0, int(config.steps), body, (delta, best, grad, alpha))
+        unroll = (int(config.steps) if int(config.steps) <= UNROLL_MAX_STEPS else 1) if config.unroll is None \
+            else max(1, min(int(config.unroll), int(config.steps)))
+        best_d, best_v, _, _ = jax.lax.fori_loop(0, int(config.steps), body, (delta, best, grad, alpha), unroll=unroll)
         return best_d, best_v
 
     if init is not None:
