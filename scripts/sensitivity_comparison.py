@@ -28,6 +28,8 @@ import sys
 
 from scipy import stats
 
+from advalign_jax.evaluation.sensitivity import files
+
 STUDIES = {
     "digits": {"source": "results/adversarial_comparison", "data": ["--config.data.source=digits",
                                                                     "--config.data.split=test"],
@@ -113,30 +115,13 @@ def main() -> int:
 
 
 def _plot(path: str, table: list, methods: list, study: str) -> None:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for k, m in enumerate(methods):
-        rows = [r for r in table if r["method"] == m]
-        x = [r["eps"] for r in rows]
-        y = [r["normalized"] for r in rows]
-        err = [[r["normalized"] - r["low"] for r in rows], [r["high"] - r["normalized"] for r in rows]]
-        err = [[0 if math.isnan(v) else v for v in side] for side in err]
-        c = f"C{k}"
-        ax.errorbar(x, y, yerr=err, fmt="o-", color=c, capsize=3, label=m)
-        ax.axhline(rows[0]["baseline"], color=c, ls="--", lw=1)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("eps (L2, [0, 1] pixels)")
-    ax.set_ylabel("normalised sensitivity s / sigma (mean over seeds)")
-    ax.set_title(f"{study}: penultimate units; dashed: random image pairs")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    """The curves averaged over seeds, drawn as the command draws one run's (t-intervals over seeds)."""
+    rows = [{"model": r["method"], "eps": r["eps"], "normalized": r["normalized"], "normalized_low": r["low"],
+             "normalized_high": r["high"], "baseline": r["baseline"], "baseline_low": r["baseline"],
+             "baseline_high": r["baseline"]} for r in table]
+    rows.sort(key=lambda r: (methods.index(r["model"]), r["eps"]))
+    files.plot(path, rows, targeted=False, log=True,
+               title=f"{study}: mean over seeds (t-intervals); dashed: random pairs")
 
 
 if __name__ == "__main__":

@@ -115,9 +115,10 @@ def comparison_rows(names: Sequence[str], grids: dict, tables_by_model: dict, pa
     return out
 
 
-def plot(path: str, summary: Sequence[dict], targeted: bool) -> None:
+def plot(path: str, summary: Sequence[dict], targeted: bool, log: bool = False, title: str = "") -> None:
     """``sensitivity.png``: the normalised sensitivity (or, targeted, the normalised distance to the
-    target) against eps, per model, with its interval, and each model's random-pair baseline as a band."""
+    target) against eps, per model, with its interval, and each model's random-pair baseline as a band.
+    ``log``: both axes logarithmic (sensitivities that grow with eps over decades)."""
     plt = figures.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     models = list(dict.fromkeys(r["model"] for r in summary))
@@ -132,16 +133,21 @@ def plot(path: str, summary: Sequence[dict], targeted: bool) -> None:
         y = np.array([float(r["normalized"]) for r in rows])
         lo = np.array([float(r["normalized_low"]) for r in rows])
         hi = np.array([float(r["normalized_high"]) for r in rows])
-        ax.errorbar(eps, y, yerr=[y - lo, hi - y], fmt="o-", color=c, capsize=3, label=name)
+        err = np.nan_to_num(np.maximum([y - lo, hi - y], 0.0))
+        ax.errorbar(eps, y, yerr=err, fmt="o-", color=c, capsize=3, label=name)
         b = rows[0]
         if math.isfinite(float(b["baseline"])):
             ax.axhspan(float(b["baseline_low"]), float(b["baseline_high"]), color=c, alpha=0.15, lw=0)
             ax.axhline(float(b["baseline"]), color=c, ls="--", lw=1)
     ax.set_xlabel("eps (L2, [0, 1] pixels)")
     ax.set_ylabel("distance to target / sigma" if targeted else "normalised sensitivity s / sigma")
-    ax.set_ylim(bottom=0)
-    ax.set_title("targeted: distance to the level" if targeted else
-                 "unit sensitivity (a lower bound); dashed: random image pairs")
+    if log:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+    ax.set_title(title or ("targeted: distance to the level" if targeted else
+                           "unit sensitivity (a lower bound); dashed: random image pairs"))
     ax.legend(fontsize=8)
     fig.tight_layout()
     figures.save_figure(fig, path)
