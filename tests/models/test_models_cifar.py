@@ -65,7 +65,7 @@ def logits_stages_grad(module, variables, x, labels):
         return jnp.sum(jnp.take_along_axis(logits, labels[:, None], axis=1)), (logits, state["intermediates"])
 
     (_, (logits, stages)), grad = jax.value_and_grad(picked, has_aux=True)(x)
-    return logits, {k: v[0] for k, v in stages.items()}, grad
+    return logits, {k: v[0] for k, v in stages.items() if k != "features"}, grad  # stages only
 
 
 @functools.partial(jax.jit, static_argnums=0)

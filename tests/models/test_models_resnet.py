@@ -65,7 +65,7 @@ def ours(model):
             return picked, (logits, inter["intermediates"])
 
         (_, (logits, inter)), grad = jax.value_and_grad(f, has_aux=True)(x)
-        return logits, {k: v[0] for k, v in inter.items()}, grad
+        return logits, {k: v[0] for k, v in inter.items() if k != "features"}, grad  # stages only
 
     compiled = compile_fast(run)
     return lambda variables, x, labels: compiled({k: variables[k] for k in ("params", "batch_stats")},
