@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import statistics
 import subprocess
 import sys
 
-from scipy import stats
+from advalign_jax.evaluation.stats import t_interval
 
 SHAPES = ["total_steps=1000", "checkpoint_every=500"]  # a third of the demonstration's budget
 SHAPES_ATTACK = ["objective.adversarial.steps=3", "objective.adversarial.step_size=0.1"]
@@ -98,12 +97,7 @@ def one(out: str, study: dict, method: str, seed: int) -> dict:
 
 def interval(values) -> tuple:
     """Mean and its 95% t-interval over the seeds."""
-    n = len(values)
-    m = statistics.fmean(values)
-    if n < 2:
-        return m, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return m, m - half, m + half
+    return t_interval(values)
 
 
 def main() -> int:

@@ -7,9 +7,10 @@ The models are those of ``scripts/adversarial_comparison.py`` (run it first for 
 seeds): ``digits``: vanilla, PGD-AT L2, PGD-AT Linf, TRADES L2 and PAG (NN targets), 16 px;
 ``shapes``: vanilla, PGD-AT L2, TRADES L2 and the harmonizer on the synthetic shapes, 64 px. For each
 seed one ``advalign-jax evaluate-sensitivity`` run measures every model of that seed on the same images
-(the first 24 test digits, or the first 24 embedded validation shapes) and the same seeded starts: 10
-penultimate units per model (a seeded sample), L2 eps 0.25, 0.5, 1 and 2 (digits) or 0.1, 0.25, 0.5 and 1
-(shapes), 4 restarts per sign, 15 + 15 steps (``configs/sensitivity.py:digits``; a 2-core CPU budget). ``OUT/seedS/`` holds each run's files (``summary.csv``,
+(the first 24 test digits, or the first 12 embedded validation shapes at 64 px) and the same seeded
+starts: 10 penultimate units per model (a seeded sample), L2 eps 0.25, 0.5, 1 and 2 (digits) or 0.25 and
+0.5 (shapes), 4 restarts per sign, 15 + 15 steps (``configs/sensitivity.py:digits``; a 2-core CPU
+budget). ``OUT/seedS/`` holds each run's files (``summary.csv``,
 ``comparison.csv``, ``sensitivity.png``); ``OUT/table.csv`` the mean over seeds of each model's
 normalised sensitivity with its 95% t-interval and each seed's value, ``OUT/ratios.csv`` the ratio
 vanilla / method per seed and eps (the study's "10x"), and ``OUT/sensitivity.png`` the curves averaged
@@ -20,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
-import statistics
 import subprocess
 import sys
 
-from scipy import stats
+from advalign_jax.evaluation.stats import t_interval
 
 from advalign_jax.evaluation.sensitivity import files
 
@@ -35,8 +34,9 @@ STUDIES = {
                                                                     "--config.data.split=test"],
                "methods": ["vanilla", "PGD-AT L2", "PGD-AT Linf", "TRADES L2", "PAG (NN targets)"],
                "eps": "(0.25, 0.5, 1.0, 2.0)"},
-    "shapes": {"source": "results/adversarial_comparison_shapes", "data": ["--config.data.source=embedded"],
-               "methods": ["vanilla", "PGD-AT L2", "TRADES L2", "harmonizer"], "eps": "(0.1, 0.25, 0.5, 1.0)"},
+    "shapes": {"source": "results/adversarial_comparison_shapes",
+               "data": ["--config.data.source=embedded", "--config.max_examples=12"],
+               "methods": ["vanilla", "PGD-AT L2", "TRADES L2", "harmonizer"], "eps": "(0.25, 0.5)"},
 }
 
 
@@ -50,11 +50,8 @@ def read(path: str) -> list:
 
 
 def interval(values) -> tuple:
-    n, m = len(values), statistics.fmean(values)
-    if n < 2:
-        return m, float("nan"), float("nan")
-    half = stats.t.ppf(0.975, n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return m, m - half, m + half
+    """Mean and its 95% t-interval over the seeds."""
+    return t_interval(values)
 
 
 def main() -> int:
@@ -62,11 +59,13 @@ def main() -> int:
     p.add_argument("--study", default="digits", choices=sorted(STUDIES))
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--out", default="", help="default: results/sensitivity_STUDY")
+    p.add_argument("--methods", default="", help="comma-separated, the first is the reference of the ratios "
+                                                 "(default: all of the study)")
     args = p.parse_args()
     study = STUDIES[args.study]
     out = args.out or f"results/sensitivity_{args.study}"
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods = study["methods"]
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else study["methods"]
     per_seed = {}
     for s in seeds:
         models = [f"{slug(m)}={study['source']}/{slug(m)}_s{s}/model" for m in methods]

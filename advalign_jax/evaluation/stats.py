@@ -10,6 +10,8 @@ Pure NumPy/SciPy functions of per-image values (the evaluations' ``summary.csv``
   ``{m*_b}`` with linear interpolation (``numpy.percentile``'s default), as
   ``scipy.stats.bootstrap(..., method='percentile')`` computes it. The draws come from
   ``numpy.random.default_rng(seed)``: the same seed gives the same interval.
+- :func:`t_interval`: the Student-t interval of a mean over a few values (the seeds of a training
+  recipe).
 - :func:`paired_comparison`: two models evaluated on the same images. Over the images where both
   values are finite, ``d_i = b_i - a_i``; the difference is ``mean(d)`` with the bootstrap interval of
   that mean (the images resampled as pairs), and the two-sided Wilcoxon signed-rank test of ``d``
@@ -112,6 +114,21 @@ def mean_with_interval(values: Sequence[float], resamples: int = DEFAULT_RESAMPL
         return float("nan"), float("nan"), float("nan")
     low, high = bootstrap_interval(x, resamples, confidence, seed)
     return float(x.mean()), low, high
+
+
+def t_interval(values: Sequence[float], confidence: float = DEFAULT_CONFIDENCE) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of a few values (e.g. one per training seed) with its Student-t
+    interval ``mean -/+ t_{(1 + c) / 2, n - 1} * s / sqrt(n)`` (``s``: the sample standard deviation),
+    as ``scipy.stats.t.interval(c, n - 1, loc=mean, scale=sem)``; one value gives NaN bounds."""
+    x = np.asarray(values, np.float64).ravel()
+    n = x.size
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = float(x.mean())
+    if n < 2:
+        return mean, float("nan"), float("nan")
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return mean, mean - half, mean + half
 
 
 def is_finite(v) -> bool:

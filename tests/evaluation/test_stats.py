@@ -90,3 +90,13 @@ def test_paired_comparison_edge_cases():
     assert stats.paired_comparison(a, b).wilcoxon_p == pytest.approx(sps.wilcoxon(b - a).pvalue)
     with pytest.raises(ValueError, match="same shape"):
         stats.paired_comparison([1.0], [1.0, 2.0])
+
+
+def test_t_interval_is_scipys():
+    values = [0.91, 0.95, 0.88, 0.97]
+    mean, low, high = stats.t_interval(values)
+    sem = np.std(values, ddof=1) / np.sqrt(4)
+    want = sps.t.interval(0.95, 3, loc=np.mean(values), scale=sem)
+    np.testing.assert_allclose([low, high], want, rtol=1e-12)
+    assert mean == pytest.approx(np.mean(values))
+    assert np.isnan(stats.t_interval([1.0])[1])
