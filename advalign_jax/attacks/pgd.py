@@ -266,6 +266,8 @@ def pgd_with_logits(logits_fn: Callable, x, y, eps, cfg: PGDConfig, key=None):
     expand = (-1,) + (1,) * (x.ndim - 1)
     best_x = _single_run(logits_fn, x, y, eps_b, keys[0], cfg)
     best_logits = logits_fn(best_x)
+    if cfg.restarts == 1:  # (a loss function's y need not be labels: no success to check)
+        return best_x, best_logits
     done = _succeeded(best_logits, y, cfg.targeted)
     for r in range(1, cfg.restarts):
         x_r = _single_run(logits_fn, x, y, eps_b, keys[r], cfg)

@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 import jax
 
 from advalign_jax import __version__, faults, parallel
-from advalign_jax.cli import (convert_cmd, data_cmd, evaluate_cmd, robust_cmd, sensitivity_cmd, targets_cmd,
-                              train_cmd)
+from advalign_jax.cli import (construct_cmd, convert_cmd, data_cmd, evaluate_cmd, robust_cmd, sensitivity_cmd,
+                              synthesize_cmd, targets_cmd, train_cmd)
 from advalign_jax.config import split_overrides
 from advalign_jax.errors import AdvalignError
 
@@ -28,7 +28,8 @@ except ImportError:  # pragma: no cover
     decompress_executable = None
 
 # Subcommand modules, in the order --help lists them.
-COMMANDS = (evaluate_cmd, robust_cmd, sensitivity_cmd, train_cmd, targets_cmd, data_cmd, convert_cmd)
+COMMANDS = (evaluate_cmd, robust_cmd, sensitivity_cmd, synthesize_cmd, construct_cmd, train_cmd, targets_cmd, data_cmd,
+            convert_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

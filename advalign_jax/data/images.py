@@ -12,7 +12,10 @@
   Gradients Imply Robustness?", ICML 2023): six Gaussian modes of std 1 along ``x1`` on the line
   ``x2 = 2 x1``, class 0 centred at ``x1 = -50, -10, 30`` and class 1 at
   ``-30, 10, 50``; 1000 training and 100 test points per mode (6000 / 600);
-- ``synthetic``: synthetic ClickMe images (:mod:`advalign_jax.data.synthetic`) at 32 px, 10 classes.
+- ``synthetic``: synthetic ClickMe images (:mod:`advalign_jax.data.synthetic`) at 32 px, 10 classes;
+- ``constructed:DIR``: a dataset written by ``advalign-jax construct`` (:mod:`advalign_jax.data.constructed`):
+  the constructed images and labels for the split it was built from, the original data for any other
+  split (so a model trained on it is tested on the original test set).
 
 Images come back as float32 NHWC in [0, 1], labels as int32.
 """
@@ -23,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 
-from advalign_jax.data import synthetic
+from advalign_jax.data import constructed, synthetic
 from advalign_jax.data.tf_env import import_tf
 from advalign_jax.errors import ConfigError, DataError
 
@@ -92,7 +95,13 @@ def tfds_arrays(name: str, split: str, data_dir: Optional[str]) -> tuple[np.ndar
 def load_arrays(source: str, split: str = "train", data_dir: Optional[str] = None,
                 limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of ``source`` (module docstring); ``limit`` keeps the first N examples."""
-    if source.startswith("tfds:"):
+    if source.startswith(constructed.PREFIX):
+        directory = source[len(constructed.PREFIX):]
+        meta = constructed.read_meta(directory)
+        if split != meta["data"]["split"]:
+            return load_arrays(meta["data"]["source"], split, data_dir or meta["data"]["data_dir"] or None, limit)
+        x, y = constructed.read_arrays(directory, meta)
+    elif source.startswith("tfds:"):
         x, y = tfds_arrays(source[len("tfds:"):], split, data_dir)
     elif source == "digits":
         x, y = digits(split)
@@ -101,7 +110,8 @@ def load_arrays(source: str, split: str = "train", data_dir: Optional[str] = Non
     elif source == "synthetic":
         x, y = synthetic_images(split)
     else:
-        raise ConfigError(f"unknown data source {source!r}: use tfds:NAME, digits, toy2d or synthetic")
+        raise ConfigError(f"unknown data source {source!r}: use tfds:NAME, digits, toy2d, synthetic or "
+                          "constructed:DIR")
     if limit is not None and limit >= 0:
         x, y = x[:limit], y[:limit]
     return x, y

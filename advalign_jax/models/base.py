@@ -13,7 +13,12 @@ Conventions shared by all architectures:
   dtype (``jnp.bfloat16`` computes in bfloat16 with float32 parameters), ``remat`` wraps every block
   in ``jax.checkpoint`` (rematerialisation, for the double-backprop losses).
 - **Intermediates**: architectures ``sow`` one activation per stage (named ``<stage>_out``) into the ``'intermediates'``
-  collection (``model.intermediates(variables, x)``), which the weight-import tests compare.
+  collection (``model.intermediates(variables, x)``), which the weight-import tests compare, and
+  ``features``, the penultimate features (the head's input).
+- **Fake ReLU**: the architectures whose penultimate features come out of a ReLU have a module field
+  ``fake_relu`` (default False): when set, that last ReLU is :func:`fake_relu` (the ``robustness``
+  library's ``FakeReLU``: ReLU forward, identity backward), so a feature at 0 still has a gradient, as
+  the library's ``model(x, with_latent=True, fake_relu=True)``. :func:`with_fake_relu` gives such a model.
 
 An architecture module defines flax modules and registers :class:`ModelDef` entries in its module-level
 ``MODELS`` dict; :mod:`advalign_jax.models.registry` finds them (adding a model is adding a file).
@@ -28,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from advalign_jax.errors import ConfigError
 
 Variables = Mapping[str, Any]
 
@@ -172,6 +179,30 @@ class Model:
     def logits_fn(self, variables: Variables) -> Callable:
         """``images -> logits`` with the variables bound (for attacks and saliency)."""
         return lambda images: self.apply(variables, images)
+
+
+@jax.custom_vjp
+def fake_relu(x):
+    """``max(x, 0)`` forward, the identity backward (MadryLab/robustness ``robustness/tools/custom_modules.py``,
+    ``FakeReLU``: ``forward: input.clamp(min=0)``, ``backward: grad_output``)."""
+    return jnp.maximum(x, 0)
+
+
+fake_relu.defvjp(lambda x: (jnp.maximum(x, 0), None), lambda _, g: (g,))
+
+
+def last_relu(x, fake: bool):
+    """The ReLU before an architecture's penultimate features: :func:`fake_relu` when ``fake``."""
+    return fake_relu(x) if fake else nn.relu(x)
+
+
+def with_fake_relu(model: "Model") -> "Model":
+    """The same model (same variables) whose last ReLU before the penultimate features is
+    :func:`fake_relu`; one line naming the architecture where it has no such ReLU."""
+    if "fake_relu" not in {f.name for f in dataclasses.fields(model.module)}:
+        raise ConfigError(f"fake_relu: model {model.name} has no ReLU before its penultimate features (its "
+                          f"features come out of a normalisation or another activation); set fake_relu=False")
+    return dataclasses.replace(model, module=model.module.clone(fake_relu=True))
 
 
 def _params_and_state(variables: Variables) -> dict:

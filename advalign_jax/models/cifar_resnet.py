@@ -53,8 +53,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from advalign_jax.models import importers
-from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, compute_dtype, maybe_remat, stat_dtype,
-                                      torch_pad)
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, compute_dtype, last_relu, maybe_remat,
+                                      stat_dtype, torch_pad)
 
 # PyTorch's default initialisation of Conv2d/Linear weights: kaiming_uniform(a=sqrt(5)), i.e.
 # uniform(+-1/sqrt(fan_in)) = variance_scaling(1/3, fan_in, uniform).
@@ -140,6 +140,7 @@ class BasicBlock(nn.Module):
     stride: int = 1
     dtype: str = "float32"
     bn_axis_name: Optional[str] = None
+    fake_relu: bool = False  # the final relu(out + x) as base.fake_relu (identity backward): the last block's
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -150,7 +151,7 @@ class BasicBlock(nn.Module):
         out = bn(name="bn2")(_conv(self.features, 3, 1, dtype, "conv2")(out))
         if self.stride != 1 or x.shape[-1] != self.features:
             x = bn(name="shortcut_bn")(_conv(self.features, 1, self.stride, dtype, "shortcut_conv")(x))
-        return nn.relu(out + x)
+        return last_relu(out + x, self.fake_relu)
 
 
 class Bottleneck(nn.Module):
@@ -163,6 +164,7 @@ class Bottleneck(nn.Module):
     stride: int = 1
     dtype: str = "float32"
     bn_axis_name: Optional[str] = None
+    fake_relu: bool = False  # the final relu(out + x) as base.fake_relu (identity backward): the last block's
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -174,7 +176,7 @@ class Bottleneck(nn.Module):
         out = bn(name="bn3")(_conv(4 * self.features, 1, 1, dtype, "conv3")(out))
         if self.stride != 1 or x.shape[-1] != 4 * self.features:
             x = bn(name="shortcut_bn")(_conv(4 * self.features, 1, self.stride, dtype, "shortcut_conv")(x))
-        return nn.relu(out + x)
+        return last_relu(out + x, self.fake_relu)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -192,6 +194,7 @@ class CifarResNet(nn.Module):
     dtype: str = "float32"
     remat: bool = False
     bn_axis_name: Optional[str] = None
+    fake_relu: bool = False  # the last ReLU (the last block's final one) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -205,11 +208,13 @@ class CifarResNet(nn.Module):
         x = nn.relu(x)
         self.sow("intermediates", "stem_out", x)
         block = maybe_remat(BLOCKS[self.block], self.remat)
-        for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+        stages = list(zip(self.stage_sizes, self.widths))
+        for i, (size, width) in enumerate(stages):
             for j in range(size):
                 stride = 2 if i > 0 and j == 0 else 1
+                last = i == len(stages) - 1 and j == size - 1  # its relu(out + x) gives the features
                 x = block(width, stride, dtype=self.dtype, bn_axis_name=self.bn_axis_name,
-                          name=f"layer{i + 1}_{j}")(x, train)
+                          fake_relu=self.fake_relu and last, name=f"layer{i + 1}_{j}")(x, train)
             self.sow("intermediates", f"layer{i + 1}_out", x)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input

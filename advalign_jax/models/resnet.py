@@ -51,8 +51,8 @@ from typing import ClassVar, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat,
-                                      stat_dtype, torch_pad)
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, last_relu,
+                                      maybe_remat, stat_dtype, torch_pad)
 from advalign_jax.models.importers import (Importer, infer_num_classes, keras_bn, keras_conv, keras_dense,
                                            robustness_importer, torch_bn, torch_conv, torch_dense)
 
@@ -78,6 +78,7 @@ class BasicBlock(nn.Module):
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
     dtype: str = "float32"
+    fake_relu: bool = False  # the final relu(x + y) as base.fake_relu (identity backward): the last block's
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -88,7 +89,7 @@ class BasicBlock(nn.Module):
         if self.downsample:
             x = bn("downsample_bn")(conv(self.features, 1, self.stride, "downsample_conv", dtype,
                                          self.conv_bias)(x))
-        return nn.relu(x + y)
+        return last_relu(x + y, self.fake_relu)
 
 
 class Bottleneck(nn.Module):
@@ -104,6 +105,7 @@ class Bottleneck(nn.Module):
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
     dtype: str = "float32"
+    fake_relu: bool = False  # the final relu(x + y) as base.fake_relu (identity backward): the last block's
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -116,7 +118,7 @@ class Bottleneck(nn.Module):
         if self.downsample:
             x = bn("downsample_bn")(conv(self.features * 4, 1, self.stride, "downsample_conv", dtype,
                                          self.conv_bias)(x))
-        return nn.relu(x + y)
+        return last_relu(x + y, self.fake_relu)
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -135,6 +137,7 @@ class ResNet(nn.Module):
     conv_bias: bool = False
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
+    fake_relu: bool = False  # the last ReLU (the last block's final one) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -148,13 +151,15 @@ class ResNet(nn.Module):
         block_cls = BLOCKS[self.block]
         block = maybe_remat(block_cls, self.remat)
         channels = 64
-        for s, (width, depth) in enumerate(zip(WIDTHS, self.layers)):
+        stages = list(zip(WIDTHS, self.layers))
+        for s, (width, depth) in enumerate(stages):
             for i in range(depth):
                 stride = 2 if (s > 0 and i == 0) else 1
                 downsample = i == 0 and (stride != 1 or channels != width * block_cls.expansion)
+                last = s == len(stages) - 1 and i == depth - 1  # its relu(x + y) gives the features
                 x = block(width, stride, downsample, stride_on_1x1=self.stride_on_1x1, conv_bias=self.conv_bias,
                           bn_eps=self.bn_eps, bn_momentum=self.bn_momentum, dtype=self.dtype,
-                          name=f"layer{s + 1}_{i}")(x, train)
+                          fake_relu=self.fake_relu and last, name=f"layer{s + 1}_{i}")(x, train)
                 channels = width * block_cls.expansion
             self.sow("intermediates", f"layer{s + 1}_out", x)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)  # float32 (float64 for float64)

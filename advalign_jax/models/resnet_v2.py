@@ -37,7 +37,8 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from advalign_jax.models.base import InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, last_relu,
+                                      maybe_remat)
 from advalign_jax.models.importers import Importer, infer_num_classes, keras_bn, keras_conv, keras_dense
 from advalign_jax.models.resnet import WIDTHS, conv
 
@@ -77,6 +78,7 @@ class ResNetV2(nn.Module):
     remat: bool = False
     bn_eps: float = 1.001e-5
     bn_momentum: float = 0.99
+    fake_relu: bool = False  # the last ReLU (after post_bn) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -93,7 +95,8 @@ class ResNetV2(nn.Module):
                 x = block(width, stride, conv_shortcut=i == 0, bn_eps=self.bn_eps, bn_momentum=self.bn_momentum,
                           dtype=self.dtype, name=f"conv{s + 2}_block{i + 1}")(x, train)
             self.sow("intermediates", f"conv{s + 2}_out", x)
-        x = nn.relu(batch_norm(train, "post_bn", momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=dtype)(x))
+        x = last_relu(batch_norm(train, "post_bn", momentum=self.bn_momentum, epsilon=self.bn_eps, dtype=dtype)(x),
+                      self.fake_relu)
         x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, name="predictions")(x)

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advalign_jax.models.base import InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, last_relu,
+                                     maybe_remat)
 
 
 def torch_linear_init(fan_in: int):
@@ -38,6 +39,7 @@ class MLP(nn.Module):
     dtype: str = "float32"
     remat: bool = False
     flatten: bool = False  # flatten each input (e.g. an image) to one vector first
+    fake_relu: bool = False  # fc1's ReLU (the features') backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -52,7 +54,7 @@ class MLP(nn.Module):
                                 bias_init=torch_linear_init(fan_in))
             return nn.Dense(features, dtype=dtype, name=name)
 
-        x = nn.relu(dense(self.hidden, x.shape[-1], "fc1")(x))
+        x = last_relu(dense(self.hidden, x.shape[-1], "fc1")(x), self.fake_relu)
         self.sow("intermediates", "hidden_out", x)
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return dense(self.num_classes, self.hidden, "fc2")(x)
@@ -62,13 +64,14 @@ class ConvStage(nn.Module):
     features: int
     pool: bool
     dtype: str = "float32"
+    fake_relu: bool = False  # the last stage's ReLU as base.fake_relu (identity backward)
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         dtype = compute_dtype(self.dtype)
         x = nn.Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False, dtype=dtype,
                     name="conv")(x)
-        x = nn.relu(batch_norm(train, "bn", dtype=dtype)(x))
+        x = last_relu(batch_norm(train, "bn", dtype=dtype)(x), self.fake_relu)
         return nn.max_pool(x, (2, 2), (2, 2)) if self.pool else x
 
 
@@ -101,6 +104,7 @@ class SmallCNN(nn.Module):
     norm: InputNorm = InputNorm()
     dtype: str = "float32"
     remat: bool = False
+    fake_relu: bool = False  # the last ReLU (the last stage's) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -111,7 +115,9 @@ class SmallCNN(nn.Module):
         self.sow("intermediates", "stem_out", x)
         stage = maybe_remat(ConvStage, self.remat)
         for i, width in enumerate(self.widths[1:]):
-            x = stage(width, pool=i < len(self.widths) - 2, dtype=self.dtype, name=f"stage{i + 1}")(x, train)
+            last = i == len(self.widths) - 2
+            x = stage(width, pool=not last, dtype=self.dtype, fake_relu=self.fake_relu and last,
+                      name=f"stage{i + 1}")(x, train)
             self.sow("intermediates", f"stage{i + 1}_out", x)
         x = jnp.mean(x, axis=(1, 2))
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input

@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advalign_jax.models.base import InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, maybe_remat
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, batch_norm, compute_dtype, last_relu,
+                                      maybe_remat)
 from advalign_jax.models.importers import (Importer, Rule, infer_num_classes, keras_conv, keras_dense, torch_bn,
                                            torch_conv, torch_dense)
 
@@ -126,6 +127,7 @@ class VGG(nn.Module):
     remat: bool = False
     bn_eps: float = 1e-5
     bn_momentum: float = 0.9
+    fake_relu: bool = False  # the last ReLU (fc2's) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -143,7 +145,7 @@ class VGG(nn.Module):
             if x.shape[1] < POOLED or x.shape[2] < POOLED:
                 x = adaptive_avg_pool(x, max(POOLED, x.shape[1]), max(POOLED, x.shape[2]))
             x = drop(nn.relu(PooledDense(self.hidden, as_conv=True, dtype=self.dtype, name="fc1")(x)))
-            x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name="fc2")(x))
+            x = last_relu(nn.Dense(self.hidden, dtype=dtype, name="fc2")(x), self.fake_relu)
             x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(dtype)
         else:
             if self.head == "keras" and x.shape[1:3] != (POOLED, POOLED):
@@ -151,7 +153,7 @@ class VGG(nn.Module):
                                  "build with head='torchvision' for other sizes")
             x = adaptive_avg_pool(x, POOLED, POOLED)
             x = drop(nn.relu(PooledDense(self.hidden, dtype=self.dtype, name="fc1")(x)))
-            x = nn.relu(nn.Dense(self.hidden, dtype=dtype, name="fc2")(x))
+            x = last_relu(nn.Dense(self.hidden, dtype=dtype, name="fc2")(x), self.fake_relu)
         self.sow("intermediates", "fc2_out", x)
         x = drop(x)
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input

@@ -41,7 +41,8 @@ import numpy as np
 
 from advalign_jax.errors import AdvalignError
 from advalign_jax.models import importers
-from advalign_jax.models.base import InputNorm, ModelDef, Normalize, compute_dtype, maybe_remat, stat_dtype, torch_pad
+from advalign_jax.models.base import (InputNorm, ModelDef, Normalize, compute_dtype, last_relu, maybe_remat,
+                                      stat_dtype, torch_pad)
 from advalign_jax.models.cifar_resnet import TorchBatchNorm, torch_kernel_init
 
 # TRADES's conv initialisation: normal(0, sqrt(2 / n)) with n = kh * kw * out_channels (fan-out).
@@ -90,6 +91,7 @@ class WideResNet(nn.Module):
     dtype: str = "float32"
     remat: bool = False
     bn_axis_name: Optional[str] = None
+    fake_relu: bool = False  # the last ReLU (after the final bn1) backward as the identity: base.fake_relu
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -105,7 +107,7 @@ class WideResNet(nn.Module):
                           bn_axis_name=self.bn_axis_name, name=f"block{g + 1}_{i}")(x, train)
             self.sow("intermediates", f"block{g + 1}_out", x)
         x = TorchBatchNorm(use_running_average=not train, dtype=dtype, axis_name=self.bn_axis_name, name="bn1")(x)
-        x = nn.relu(x)
+        x = last_relu(x, self.fake_relu)
         x = jnp.mean(x.astype(stat_dtype(x)), axis=(1, 2)).astype(dtype)
         self.sow("intermediates", "features", x)  # the penultimate features: the head's input
         return nn.Dense(self.num_classes, dtype=dtype, kernel_init=torch_kernel_init, bias_init=nn.initializers.zeros,
