@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -178,3 +179,15 @@ def test_construct_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "file" in err and len(err.splitlines()) == 1, err
     assert in_the_way.read_text() == "not a directory"
+
+
+def test_construct_sharded_over_eight_devices_equals_one_device(tmp_path):
+    """The same set from a mesh of every (simulated) device and from one device."""
+    if jax.device_count() < 2:
+        pytest.skip("one device: run with XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    one, many = tmp_path / "one", tmp_path / "many"
+    assert main(_construct(one, "non_robust", "--config.num_devices=1")) == 0
+    assert main(_construct(many, "non_robust", "--config.num_devices=0", "--config.batch_size=24")) == 0
+    with np.load(one / "dataset.npz") as a, np.load(many / "dataset.npz") as b:
+        np.testing.assert_array_equal(a["seed_index"], b["seed_index"])
+        np.testing.assert_allclose(a["image"], b["image"], atol=1e-5)

@@ -2,7 +2,7 @@
 collectives), against the same command as one process with as many devices in all.
 
 - ``evaluate``, ``evaluate-robust`` and ``evaluate-sensitivity``: the same per-image (per-example,
-  per-item) rows and summary, written by process 0 alone;
+  per-item) rows and summary, written by process 0 alone; ``construct``: the same dataset, bitwise;
 - ``train`` (PAG toy, CE on ClickMe shards): the same parameters after a few SGD steps, up to float32
   rounding (the global batches hold the same examples, ``process_sharding='global'`` for ClickMe;
   the order of the gradient's cross-device sum differs);
@@ -114,6 +114,19 @@ def test_evaluate_sensitivity_as_two_processes_writes_the_single_process_rows(tm
     assert a[0] == b[0] and sorted(a[1:]) == sorted(b[1:]) and len(b) == 7  # each item once, same values
     assert (tmp_path / "one" / "summary.csv").read_text() == (tmp_path / "two" / "summary.csv").read_text()
     assert "[0] results:" in proc.stdout and "[1] results:" not in proc.stdout
+
+
+CONSTRUCT = ["construct", "--config", "configs/robust_features.py:runlocal", "--no-progress", "--config.kind=non_robust",
+             "--config.data.limit=16", "--config.matching.steps=3", "--config.batch_size=8"]
+
+
+def test_construct_as_two_processes_writes_the_single_process_dataset(tmp_path):
+    _ok(one(CONSTRUCT + [f"--config.workdir={tmp_path / 'one'}"]))
+    proc = _ok(two(CONSTRUCT + [f"--config.workdir={tmp_path / 'two'}"]))
+    with np.load(tmp_path / "one" / "dataset.npz") as a, np.load(tmp_path / "two" / "dataset.npz") as b:
+        for key in ("image", "label", "seed_index"):
+            np.testing.assert_array_equal(a[key], b[key])  # the same per-device batches: bitwise
+    assert "[0] dataset:" in proc.stdout and "[1] dataset:" not in proc.stdout
 
 
 TOY = ["train", "--config", "configs/pag_toy2d.py:runlocal", "--no-progress", "--config.optimizer.name=sgd",
