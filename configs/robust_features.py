@@ -25,11 +25,17 @@ Recipes:
                        standard, model from a random other training image: step 0.1, 1000 steps, eps 1000
                        (only the [0, 1] box binds), the last iterate; label: the image's own.
 
-Variants (``:ARG``): ``det``, ``rand``, ``robust``, ``non_robust`` (CIFAR-10 as above); ``runlocal``: offline
-in about a minute, ``det`` on the first 256 bundled digits from the shipped standard digits model
-(``checkpoints/digits_vanilla``), then ``advalign-jax train --config configs/adversarial_digits.py:vanilla
---config.arrays.source=constructed:results/robust_features_runlocal``; ``digits_KIND``: the whole digits
-training set, the demonstration of docs/robust_features.md (``scripts/robust_features_comparison.py``).
+Variants (``:ARG``):
+  det         CIFAR-10 as above: the attack on the standard model towards (y + 1) mod C (the default).
+  rand        CIFAR-10: towards a uniform random class.
+  robust      CIFAR-10: matching the robust model's representation.
+  non_robust  CIFAR-10: matching the standard model's representation.
+  runlocal    offline in seconds: ``det`` on the first 256 bundled digits from the shipped standard digits
+              model (``checkpoints/digits_vanilla``), 20 attack steps; then ``advalign-jax train --config
+              configs/adversarial_digits.py:vanilla --config.arrays.source=constructed:results/robust_features_runlocal``.
+  digits_det, digits_rand, digits_robust, digits_non_robust
+              the whole digits training set (the shipped digits models; L2 eps 1.0 for det / rand), the
+              demonstration of docs/robust_features.md (``scripts/robust_features_comparison.py``).
 """
 
 import ml_collections
