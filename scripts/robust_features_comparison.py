@@ -11,7 +11,8 @@ vanilla model (``vanilla_sS``) is the standard model, its PGD-AT L2 model (``PGD
    ``robust`` (matching the robust model's penultimate features from another training image),
    ``non_robust`` (the same on the standard model), over the 1,437 training digits; then a fresh small CNN
    (``configs/adversarial_digits.py:vanilla``, seed S) trained on each and tested on the **original** 360
-   test digits: clean accuracy and PGD-20 L2 1.0 accuracy (the trainer's final evaluation). ``OUT/datasets.csv``
+   test digits: clean accuracy and PGD-20 L2 1.0 accuracy (the trainer's final evaluation), and the share
+   labelled ``(y + 1) mod 10`` (what learning D_det's robust features would give). ``OUT/datasets.csv``
    has one row per kind and seed, ``OUT/datasets_table.csv`` the means with 95% t-intervals.
 2. **Generation** (``advalign-jax synthesize --config configs/synthesize.py:digits``, seed S): vanilla, PGD-AT L2,
    TRADES L2 and PAG models of seed S generate 10 images per class; the judge is the vanilla model of seed
@@ -56,6 +57,39 @@ def last_eval(metrics_csv: str) -> dict:
     return {"clean": float(rows[-1]["eval_accuracy"]), "robust": float(rows[-1]["eval_robust_accuracy"])}
 
 
+def shifted_accuracy(model_path: str) -> float:
+    """The share of the original test digits the model labels ``(y + 1) mod 10``: what a model that
+    learned the robust features of D_det (the digit, paired there with the next label) does."""
+    import numpy as np  # pylint: disable=import-outside-toplevel  # heavy imports only where used
+
+    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
+    from advalign_jax.models import load_model  # pylint: disable=import-outside-toplevel
+
+    model, variables = load_model(model_path)
+    x, y = load_arrays("digits", "test")
+    pred = np.argmax(np.asarray(model.apply(variables, x)), axis=1)
+    return float(np.mean(pred == (y + 1) % 10))
+
+
+def figure(work: str, path: str) -> None:
+    """One row per generator (and the seeds): the first generated image of each class."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.synthesis.figures import grid  # pylint: disable=import-outside-toplevel
+
+    rows, labels = [], []
+    for name in GENERATORS:
+        with np.load(os.path.join(work, name, "generate.npz")) as f:
+            first = [int(np.flatnonzero(f["cls"] == c)[0]) for c in np.unique(f["cls"])]
+            if not rows:
+                rows.append(f["seed"][first])
+                labels.append("seed (vanilla)")
+            rows.append(f["image"][first])
+            labels.append(name)
+    grid(path, rows, labels, title="class-conditional generation, digits (one sample per class)",
+         col_labels=[str(c) for c in range(len(rows[0]))])
+
+
 def fmt_interval(values) -> str:
     m, lo, hi = t_interval(values)
     return f"{100 * m:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
@@ -94,16 +128,19 @@ def main() -> int:
                     f"--config.arrays.source=constructed:{data}", f"--config.seed={s}", f"--config.workdir={train}")
             result = last_eval(os.path.join(train, "metrics.csv"))
             rows.append({"kind": kind, "seed": s, "source": src, "test_clean": result["clean"],
-                         "test_pgd_l2_1": result["robust"], "matching_steps": meta["recipe"]["steps"]})
+                         "test_pgd_l2_1": result["robust"], "test_next_label": shifted_accuracy(os.path.join(train, "model")),
+                         "matching_steps": meta["recipe"]["steps"]})
     write_csv(os.path.join(args.out, "datasets.csv"), rows)
     table = [{"kind": k, "test_clean": fmt_interval([r["test_clean"] for r in rows if r["kind"] == k]),
               "test_pgd_l2_1": fmt_interval([r["test_pgd_l2_1"] for r in rows if r["kind"] == k]),
+              "test_next_label": fmt_interval([r["test_next_label"] for r in rows if r["kind"] == k]),
               "per_seed_clean": " ".join(f"{100 * r['test_clean']:.1f}" for r in rows if r["kind"] == k)}
              for k in KINDS]
     write_csv(os.path.join(args.out, "datasets_table.csv"), table)
-    print("| trained on | original test clean % | PGD-20 L2 1.0 % | per seed (clean) |\n|---|---|---|---|")
+    print("| trained on | original test clean % | PGD-20 L2 1.0 % | labelled (y + 1) mod 10 % | per seed (clean) |\n"
+          "|---|---|---|---|---|")
     for t in table:
-        print(f"| {t['kind']} | {t['test_clean']} | {t['test_pgd_l2_1']} | {t['per_seed_clean']} |")
+        print(f"| {t['kind']} | {t['test_clean']} | {t['test_pgd_l2_1']} | {t['test_next_label']} | {t['per_seed_clean']} |")
 
     if args.skip_generation:
         return 0
@@ -123,6 +160,7 @@ def main() -> int:
                                 "judge_accuracy": float(r["judge_accuracy"]), "judge_frechet": float(r["judge_frechet"]),
                                 "l2_change": float(r["l2_change"])})
     write_csv(os.path.join(args.out, "generation.csv"), gen)
+    figure(os.path.join(args.out, f"synth_s{seeds[0]}"), os.path.join(args.out, "generation.png"))
     names = list(dict.fromkeys(g["model"] for g in gen))
     gtable = []
     for n in names:

@@ -1,11 +1,11 @@
-"""What the config-driven commands share: their config, loaded with the multi-process start-up first,
-and which process prints."""
+"""What the config-driven commands share: their arguments, their config (loaded with the multi-process
+start-up first), which process prints, and the text table of a summary."""
 
 from __future__ import annotations
 
 import jax
 
-from advalign_jax import parallel
+from advalign_jax import parallel, store
 from advalign_jax.config import load_config
 
 
@@ -21,3 +21,18 @@ def job_config(args):
 def lead() -> bool:
     """Whether this process prints the command's results (process 0 of a multi-process run)."""
     return jax.process_index() == 0
+
+
+def config_arguments(parser, default_config: str) -> None:
+    """``--config FILE.py[:VARIANT]`` and ``--no-progress``, as every config-driven job takes them."""
+    parser.add_argument("--config", default=default_config,
+                        help=f"config FILE.py[:VARIANT] (default {default_config}); override fields with "
+                             "--config.KEY=VALUE")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def text_table(columns, rows) -> str:
+    """``rows`` (dicts) as right-aligned text columns under a header (values through ``store.fmt``)."""
+    table = [list(columns)] + [[store.fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(line[k]) for line in table) for k in range(len(table[0]))]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from advalign_jax.cli.common import job_config, lead
+from advalign_jax.cli.common import config_arguments, job_config, lead
 from advalign_jax.synthesis import construct
 
 DEFAULT_CONFIG = "configs/robust_features.py"
@@ -22,10 +22,7 @@ def add_parser(sub) -> None:
                     "--config.arrays.source=constructed:WORKDIR (its test split: the original one); resumes an "
                     "interrupted run.",
         epilog=f"Example: advalign-jax construct --config {DEFAULT_CONFIG}:runlocal")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help=f"config FILE.py[:VARIANT] (default {DEFAULT_CONFIG}:det); override fields with "
-                        "--config.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_arguments(p, DEFAULT_CONFIG)
     p.set_defaults(func=run)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from advalign_jax import store
-from advalign_jax.cli.common import job_config, lead
+from advalign_jax.cli.common import config_arguments, job_config, lead, text_table
 from advalign_jax.evaluation.sensitivity import job as sensitivity
 
 DEFAULT_CONFIG = "configs/sensitivity.py"
@@ -24,10 +23,7 @@ def add_parser(sub) -> None:
                     "(paired between models), readout.csv and sensitivity.png in the workdir; resumes an "
                     "interrupted run.",
         epilog=f"Example: advalign-jax evaluate-sensitivity --config {DEFAULT_CONFIG}:runlocal")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help=f"config FILE.py[:VARIANT] (default {DEFAULT_CONFIG}); override fields with "
-                        "--config.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_arguments(p, DEFAULT_CONFIG)
     p.set_defaults(func=run)
 
 
@@ -36,9 +32,7 @@ def format_summary(rows) -> str:
             "ratio_to_baseline"]
     if rows and rows[0].get("target_reached", "") != "":
         cols += ["target_distance", "target_reached"]
-    table = [cols] + [[store.fmt(r[c]) for c in cols] for r in rows]
-    widths = [max(len(line[k]) for line in table) for k in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
+    return text_table(cols, rows)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from advalign_jax import store
-from advalign_jax.cli.common import job_config, lead
+from advalign_jax.cli.common import config_arguments, job_config, lead, text_table
 from advalign_jax.synthesis import synthesize
 
 DEFAULT_CONFIG = "configs/synthesize.py"
@@ -22,18 +21,12 @@ def add_parser(sub) -> None:
                     "model's own and an independent judge's accuracy on the generated images, mean losses with "
                     "intervals); resumes an interrupted run.",
         epilog=f"Example: advalign-jax synthesize --config {DEFAULT_CONFIG}:runlocal")
-    p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help=f"config FILE.py[:VARIANT] (default {DEFAULT_CONFIG}); override fields with "
-                        "--config.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config_arguments(p, DEFAULT_CONFIG)
     p.set_defaults(func=run)
 
 
 def format_summary(rows) -> str:
-    cols = [c for c in synthesize.SUMMARY_COLUMNS if any(str(r.get(c, "")) != "" for r in rows)]
-    table = [cols] + [[store.fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(line[k]) for line in table) for k in range(len(cols))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in table)
+    return text_table([c for c in synthesize.SUMMARY_COLUMNS if any(str(r.get(c, "")) != "" for r in rows)], rows)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -259,15 +259,20 @@ def _rows_fn(task: str, items: dict) -> Callable:
     return rows
 
 
+def _pairs(groups, arrays: dict, name: str):
+    """Per group (class or unit), a row of seeds and a row of results."""
+    rows, labels = [], []
+    values = np.asarray(groups)
+    for g in dict.fromkeys(int(v) for v in values):
+        at = np.flatnonzero(values == g)
+        rows += [arrays["seed"][at], arrays["image"][at]]
+        labels += [f"{name} {g}\nseed", f"{name} {g}\nresult"]
+    return rows, labels
+
+
 def _figure(config, task: str, src: _Source, items: dict, arrays: dict, path: str) -> None:
     if task == "generate":
-        classes = list(dict.fromkeys(int(c) for c in items["cls"]))
-        rows, labels = [], []
-        for c in classes:
-            at = np.flatnonzero(items["cls"] == c)
-            rows += [arrays["seed"][at], arrays["image"][at]]
-            labels += [f"class {c}\nseed", f"class {c}\nresult"]
-        grid(path, rows, labels, title=f"{src.name}: class-conditional generation")
+        grid(path, *_pairs(items["cls"], arrays, "class"), title=f"{src.name}: class-conditional generation")
     elif task == "invert":
         grid(path, [items["x"], arrays["seed"], arrays["image"]], ["target", "seed", "inverted"],
              title=f"{src.name}: representation inversion")
@@ -276,13 +281,7 @@ def _figure(config, task: str, src: _Source, items: dict, arrays: dict, path: st
         grid(path, list(arrays["image"]), [f"pair {k}" for k in range(len(arrays["image"]))],
              title=f"{src.name}: interpolation", col_labels=alphas)
     else:
-        units = list(dict.fromkeys(int(u) for u in items["unit"]))
-        rows, labels = [], []
-        for u in units:
-            at = np.flatnonzero(items["unit"] == u)
-            rows += [arrays["seed"][at], arrays["image"][at]]
-            labels += [f"unit {u}\nseed", f"unit {u}\nresult"]
-        grid(path, rows, labels, title=f"{src.name}: feature visualisation")
+        grid(path, *_pairs(items["unit"], arrays, "unit"), title=f"{src.name}: feature visualisation")
 
 
 class _Judge:
