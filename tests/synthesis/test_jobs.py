@@ -173,6 +173,10 @@ def test_construct_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (extra, err)
         assert not work.exists()
+    work = tmp_path / "bad"
+    assert main(_synth(work, f"--config.models=('five={five}',)")) == 2  # synthesize checks the classes too
+    err = capsys.readouterr().err.strip()
+    assert "5 classes" in err and len(err.splitlines()) == 1 and not work.exists(), err
     in_the_way = tmp_path / "file"
     in_the_way.write_text("not a directory")
     assert main(_construct(in_the_way)) == 2
