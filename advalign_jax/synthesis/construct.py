@@ -147,7 +147,7 @@ def construct(config, progress: bool = True, log: Optional[Callable[[str], None]
                                                         - (items["seed"][i] if "seed" in items else x[i])) ** 2))),
                      "reached": int(bool(host["reached"][k]))} for k, i in enumerate(idx)]
 
-        rows = run_items(job, mesh, variables, items, _batch_fn(config, model, rep, rec, kind), tuple(items) + ("item",),
+        rows, computed = run_items(job, mesh, variables, items, _batch_fn(config, model, rep, rec, kind), tuple(items) + ("item",),
                          ("image",), rows_fn, ROW_COLUMNS, rows_path, job.path("parts"), int(config.batch_size),
                          "source", entry, desc=f"construct {kind}", progress=progress)
         meta = {"format": FORMAT, "kind": kind, "num_examples": n, "num_classes": model.num_classes,
@@ -159,12 +159,14 @@ def construct(config, progress: bool = True, log: Optional[Callable[[str], None]
                 "seed": int(config.seed)}
         if rep is not None:
             meta["recipe"].update({"layer": config.matching.layer, "fake_relu": bool(config.matching.fake_relu)})
-        if job.writer:
+        finished = store.read_json(job.path("dataset.json"), None) == meta and os.path.exists(job.path("dataset.npz"))
+        if job.writer and (computed or not finished):  # a finished set reopened is not rewritten
             image = assemble(job.path("parts"), n, ("image",))["image"]
             save_arrays(job.path("dataset.npz"), {"image": image.astype(np.float32), "label": labels,
                                                   "source_label": y, "seed_index": seeds,
                                                   "index": np.arange(n, dtype=np.int32)})
             store.atomic_write_json(job.path("dataset.json"), meta)
+        if job.writer:
             values = list(rows.values())
             meta["loss_mean"] = float(np.mean([float(r["loss"]) for r in values]))
             meta["reached"] = float(np.mean([int(r["reached"]) for r in values]))

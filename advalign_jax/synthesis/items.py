@@ -70,8 +70,9 @@ def run_items(job, mesh, variables, arrays: dict, batch_fn: Callable, inputs: Se
               validate: Optional[Callable] = None) -> dict:
     """Runs ``batch_fn(variables, inputs) -> {output: (B, ...)}`` over the items of ``arrays`` (``{key:
     (n, ...)}``; ``item`` is added); process 0 keeps ``outputs`` in the part files and
-    ``rows_fn(items, host)`` in ``rows_path`` (its ``item`` column the key); returns the row file's rows
-    (``{}`` on the other processes)."""
+    ``rows_fn(items, host)`` in ``rows_path`` (its ``item`` column the key); returns ``(rows, computed)``:
+    the row file's rows (``{}`` on the other processes) and whether this run computed any item (a
+    finished run reopened computes none, so its caller need not rewrite what it assembled before)."""
     n = len(next(iter(arrays.values())))
     rows = job.open_rows(rows_path, columns, validate, key="item")
     if job.writer:
@@ -80,6 +81,7 @@ def run_items(job, mesh, variables, arrays: dict, batch_fn: Callable, inputs: Se
     evaluator = Evaluator(batch_fn=batch_fn, inputs=tuple(inputs), rows=lambda meta, host: [],
                           summarise=lambda r: r, columns=tuple(columns))
     done = job.done(rows, n)
+    computed = False
     bar = tqdm(total=n, initial=int(done.sum()), desc=desc, unit="item", disable=not (progress and job.writer),
                file=sys.stderr)
     try:
@@ -96,7 +98,8 @@ def run_items(job, mesh, variables, arrays: dict, batch_fn: Callable, inputs: Se
             new = [r for r in rows_fn(items, host) if not done[int(r["item"])]]
             job.append(rows, new, name, entry)
             done[items] = True
+            computed = True
             bar.update(len(new))
     finally:
         bar.close()
-    return rows.rows if rows is not None else {}
+    return (rows.rows if rows is not None else {}), computed

@@ -329,7 +329,7 @@ def _summary(task: str, src: _Source, items: dict, arrays: dict, rows: dict, jud
 def _run_task(config, job, mesh, src: _Source, task: str, rec: ops.Recipe, progress: bool) -> Optional[dict]:
     items = _items(config, src, task)
     folder = job.path(src.name)
-    rows = run_items(job, mesh, src.variables, items, _batch_fn(config, src, task, rec), tuple(items) + ("item",),
+    rows, computed = run_items(job, mesh, src.variables, items, _batch_fn(config, src, task, rec), tuple(items) + ("item",),
                      OUTPUTS[task], _rows_fn(task, items), ROW_COLUMNS[task], os.path.join(folder, f"{task}.csv"),
                      os.path.join(folder, "parts", task), int(config.batch_size), src.name, src.entry,
                      desc=f"{task} {src.name}", progress=progress)
@@ -338,9 +338,10 @@ def _run_task(config, job, mesh, src: _Source, task: str, rec: ops.Recipe, progr
     n = len(next(iter(items.values())))
     arrays = assemble(os.path.join(folder, "parts", task), n, OUTPUTS[task])
     npz = os.path.join(folder, f"{task}.npz")
-    save_arrays(npz, {**{k: np.asarray(v) for k, v in items.items()}, **arrays})
-    grid_path = os.path.join(folder, f"{task}.png")
-    job.draw(grid_path, True, lambda p: _figure(config, task, src, items, arrays, p))
+    fresh = computed or not os.path.exists(npz)  # a finished task reopened rewrites nothing
+    if fresh:
+        save_arrays(npz, {**{k: np.asarray(v) for k, v in items.items()}, **arrays})
+    job.draw(os.path.join(folder, f"{task}.png"), fresh, lambda p: _figure(config, task, src, items, arrays, p))
     return {"items": items, "arrays": arrays, "rows": rows}
 
 

@@ -69,8 +69,11 @@ def test_synthesize_writes_grids_arrays_and_a_summary(tmp_path, capsys):
             assert f["image"].shape == (1, 3, 16, 16, 3)
     # A rerun finds everything done and writes the same summary; another recipe is refused.
     before = (work / "summary.csv").read_text()
+    files = sorted(p for p in work.rglob("*") if p.is_file() and p.name != ".lock")
+    stamps = [p.stat().st_mtime_ns for p in files]
     assert main(_synth(work)) == 0
     assert (work / "summary.csv").read_text() == before
+    assert [p.stat().st_mtime_ns for p in files] == stamps  # a finished run reopened rewrites nothing
     capsys.readouterr()
     assert main(_synth(work, "--config.generate.eps=4.0")) == 2
     assert "generate.eps" in capsys.readouterr().err
@@ -108,6 +111,9 @@ def test_constructed_set_is_what_the_trainer_reads(tmp_path, capsys):
     np.testing.assert_array_equal(test_y, ref_y)
     rows = _read(work / "items.csv")
     assert sorted(int(r["item"]) for r in rows) == list(range(40))
+    stamp = (work / "dataset.npz").stat().st_mtime_ns
+    assert main(_construct(work)) == 0  # finished: reopened, not rewritten
+    assert (work / "dataset.npz").stat().st_mtime_ns == stamp
 
 
 def test_robust_set_keeps_labels_and_starts_from_another_image(tmp_path):
