@@ -44,6 +44,7 @@ from advalign_jax.evaluation.job import EvaluationJob, default_log
 from advalign_jax.evaluation.robust.job import load_data
 from advalign_jax.evaluation.sensitivity.job import parse_models
 from advalign_jax.evaluation.sensitivity.units import select_units
+from advalign_jax.evaluation.stats import mean_with_interval
 from advalign_jax.models import fingerprint, load_model
 from advalign_jax.synthesis import ops
 from advalign_jax.synthesis.figures import grid
@@ -102,13 +103,6 @@ def _check_classes(name: str, model, labels: np.ndarray, source: str) -> None:
 def _wilson(k: int, n: int) -> tuple:
     ci = scipy.stats.binomtest(int(k), int(n)).proportion_ci(0.95, method="wilson")
     return float(ci.low), float(ci.high)
-
-
-def _bootstrap_mean(values: np.ndarray, seed: int = 0, resamples: int = 2000) -> tuple:
-    values = np.asarray(values, np.float64).ravel()
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
-    return float(values.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -320,7 +314,7 @@ def _summary(task: str, src: _Source, items: dict, arrays: dict, rows: dict, jud
                 r["judge_frechet"] = frechet_distance(feats, real_feats)
         return r
     key = {"invert": "loss", "interpolate": "loss_mean", "visualize": "value"}[task]
-    r["loss_mean"], r["loss_low"], r["loss_high"] = _bootstrap_mean([float(v[key]) for v in values])
+    r["loss_mean"], r["loss_low"], r["loss_high"] = mean_with_interval([float(v[key]) for v in values])
     if task != "interpolate":
         r["l2_change"] = float(np.mean([float(v["l2_change"]) for v in values]))
     return r

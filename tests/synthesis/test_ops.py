@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 
 from advalign_jax.synthesis import construct, ops
+from advalign_jax.synthesis.synthesize import frechet_distance
 
 
 def _torch_l2_attack(loss_fn, x0, eps, step, steps, targeted, use_best):
@@ -177,3 +178,16 @@ def test_relabelling_and_seed_images():
     offsets = (s - np.arange(500)) % 500
     assert len(np.unique(offsets)) > 300  # spread over the other images, not a fixed shift
     np.testing.assert_array_equal(s, construct.seed_images(500, 0))
+
+
+def test_frechet_distance_matches_the_closed_form_of_two_gaussians():
+    """Samples of N(mu_a, diag(va)) and N(mu_b, diag(vb)): the distance tends to
+    ``||mu_a - mu_b||^2 + sum(va + vb - 2 sqrt(va vb))``, and is 0 between a set and itself."""
+    rng = np.random.default_rng(6)
+    mu_a, mu_b = rng.normal(size=4), rng.normal(size=4)
+    va, vb = rng.uniform(0.5, 2, 4), rng.uniform(0.5, 2, 4)
+    a = mu_a + rng.normal(size=(200_000, 4)) * np.sqrt(va)
+    b = mu_b + rng.normal(size=(200_000, 4)) * np.sqrt(vb)
+    want = np.sum((mu_a - mu_b) ** 2) + np.sum(va + vb - 2 * np.sqrt(va * vb))
+    assert frechet_distance(a, b) == pytest.approx(want, rel=0.02)
+    assert abs(frechet_distance(a[:500], a[:500])) < 1e-6
