@@ -21,7 +21,9 @@ Recipes (``TASK.eps``, ``TASK.step_size``, ``TASK.steps``, ``TASK.use_best``):
                split downsampled by ``generate.grain`` (4 here, 1 at CIFAR scale): eps 40, step 1, 60
                iterations (CIFAR: 30, 0.5, 60); the library's best iterate. Gaussians are fitted for the
                classes of ``generate.classes`` only (ImageNet: a D x D covariance per class, D = 56 x 56 x 3)
-               on the first ``generate.fit_limit`` training images (0: all).
+               on the first ``generate.fit_limit`` training images (0: all). ``generate.seeds='pooled'``
+               draws every seed from one Gaussian of all training images instead (no class in the seed),
+               ``'noise'`` from ``clamp(randn / 20 + 0.5, 0, 1)``.
   invert       from ``clamp(randn / 20 + 0.5, 0, 1)``, minimising ||rep(x) - rep(x_t)|| / ||rep(x_t)||: eps
                1000, step 1, 10,000 iterations in the papers (here 2,000), the last iterate.
   interpolate  inverting the blends of two images' representations from the image blends.
@@ -68,6 +70,7 @@ def get_config(arg: str = "default"):
     c.generate.classes = (0, 100, 200, 300, 400, 500, 600, 700, 800, 900)  # () : every class
     c.generate.per_class = 8
     c.generate.grain = 4
+    c.generate.seeds = "class"  # 'class' (the papers'), 'pooled' (one Gaussian of every image) or 'noise'
     c.generate.fit_limit = 0
     c.invert = _task(1000.0, 1.0, 2000, False)
     c.invert.count = 8

@@ -15,9 +15,11 @@ vanilla model (``vanilla_sS``) is the standard model, its PGD-AT L2 model (``PGD
    labelled ``(y + 1) mod 10`` (what learning D_det's robust features would give). ``OUT/datasets.csv``
    has one row per kind and seed, ``OUT/datasets_table.csv`` the means with 95% t-intervals.
 2. **Generation** (``advalign-jax synthesize --config configs/synthesize.py:digits``, seed S): vanilla, PGD-AT L2,
-   TRADES L2 and PAG models of seed S generate 10 images per class; the judge is the vanilla model of seed
-   S + 1 (mod 3, another training run). ``OUT/generation.csv`` per model and seed, ``OUT/generation_table.csv``
-   the means with intervals; ``OUT/synth_sS/MODEL/*.png`` the grids.
+   TRADES L2 and PAG models of seed S generate 10 images per class, from the papers' class-Gaussian seeds
+   (``class``; every task) and from one Gaussian of all digits (``pooled``: the seed carries no class);
+   the judge is the vanilla model of seed S + 1 (mod 3, another training run). ``OUT/generation.csv`` per
+   model and seed, ``OUT/generation_table.csv`` the means with intervals, ``OUT/generation_KIND.png`` one
+   sample per class and generator (seed 0), ``OUT/synth_KIND_sS/MODEL/*.png`` every grid.
 
 Each step is the real command in its own workdir, so an interrupted comparison resumes.
 """
@@ -35,7 +37,8 @@ from advalign_jax.evaluation.stats import t_interval
 
 SOURCE = "results/adversarial_comparison"
 KINDS = ("det", "rand", "robust", "non_robust")
-GENERATORS = {"vanilla": "vanilla", "PGD-AT_L2": "PGD-AT L2", "TRADES_L2": "TRADES L2", "PAG": "PAG (NN targets)"}
+GENERATORS = {"vanilla": "vanilla", "PGD-AT_L2": "PGD-AT_L2", "TRADES_L2": "TRADES_L2", "PAG": "PAG_NN_targets"}
+SEED_KINDS = ("class", "pooled")  # the papers' class-Gaussian seeds; one Gaussian of all digits (no class)
 
 
 def cli(*args: str) -> None:
@@ -145,35 +148,41 @@ def main() -> int:
     if args.skip_generation:
         return 0
     gen = []
-    for s in seeds:
-        models = tuple(f"{name}={model_dir(slug, s)}" for name, slug in
-                       (("vanilla", "vanilla"), ("PGD-AT_L2", "PGD-AT_L2"), ("TRADES_L2", "TRADES_L2"),
-                        ("PAG", "PAG_NN_targets")))
-        work = os.path.join(args.out, f"synth_s{s}")
-        judge = model_dir("vanilla", (s + 1) % 3)
-        cli("synthesize", "--config", "configs/synthesize.py:digits", "--no-progress", f"--config.models={models}",
-            f"--config.judge={judge}", f"--config.seed={s}", f"--config.workdir={work}")
-        with open(os.path.join(work, "summary.csv"), newline="") as f:
-            for r in csv.DictReader(f):
-                if r["task"] == "generate":
-                    gen.append({"model": r["model"], "seed": s, "own_accuracy": float(r["own_accuracy"]),
-                                "judge_accuracy": float(r["judge_accuracy"]), "judge_frechet": float(r["judge_frechet"]),
-                                "l2_change": float(r["l2_change"])})
+    for kind in SEED_KINDS:
+        for s in seeds:
+            models = tuple(f"{name}={model_dir(slug, s)}" for name, slug in GENERATORS.items())
+            work = os.path.join(args.out, f"synth_{kind}_s{s}")
+            judge = model_dir("vanilla", (s + 1) % 3)
+            tasks = "('generate', 'invert', 'interpolate', 'visualize')" if kind == "class" else "('generate',)"
+            cli("synthesize", "--config", "configs/synthesize.py:digits", "--no-progress", f"--config.models={models}",
+                f"--config.judge={judge}", f"--config.seed={s}", f"--config.workdir={work}",
+                f"--config.generate.seeds={kind}", f"--config.tasks={tasks}")
+            with open(os.path.join(work, "summary.csv"), newline="") as f:
+                for r in csv.DictReader(f):
+                    if r["task"] == "generate":
+                        gen.append({"seeds": kind, "model": r["model"], "seed": s,
+                                    "own_accuracy": float(r["own_accuracy"]),
+                                    "seed_judge_accuracy": float(r["seed_judge_accuracy"]),
+                                    "judge_accuracy": float(r["judge_accuracy"]),
+                                    "judge_frechet": float(r["judge_frechet"]), "l2_change": float(r["l2_change"])})
+        figure(os.path.join(args.out, f"synth_{kind}_s{seeds[0]}"), os.path.join(args.out, f"generation_{kind}.png"))
     write_csv(os.path.join(args.out, "generation.csv"), gen)
-    figure(os.path.join(args.out, f"synth_s{seeds[0]}"), os.path.join(args.out, "generation.png"))
-    names = list(dict.fromkeys(g["model"] for g in gen))
     gtable = []
-    for n in names:
-        g = [x for x in gen if x["model"] == n]
-        m, lo, hi = t_interval([x["judge_frechet"] for x in g])
-        gtable.append({"model": n, "own_accuracy": fmt_interval([x["own_accuracy"] for x in g]),
-                       "judge_accuracy": fmt_interval([x["judge_accuracy"] for x in g]),
-                       "judge_frechet": f"{m:.2f} [{lo:.2f}, {hi:.2f}]",
-                       "l2_change": f"{sum(x['l2_change'] for x in g) / len(g):.2f}"})
+    for kind in SEED_KINDS:
+        for n in GENERATORS:
+            g = [x for x in gen if x["model"] == n and x["seeds"] == kind]
+            m, lo, hi = t_interval([x["judge_frechet"] for x in g])
+            gtable.append({"seeds": kind, "model": n, "own_accuracy": fmt_interval([x["own_accuracy"] for x in g]),
+                           "seed_judge_accuracy": fmt_interval([x["seed_judge_accuracy"] for x in g]),
+                           "judge_accuracy": fmt_interval([x["judge_accuracy"] for x in g]),
+                           "judge_frechet": f"{m:.2f} [{lo:.2f}, {hi:.2f}]",
+                           "l2_change": f"{sum(x['l2_change'] for x in g) / len(g):.2f}"})
     write_csv(os.path.join(args.out, "generation_table.csv"), gtable)
-    print("\n| generator | own accuracy % | judge accuracy % | judge Frechet distance | mean L2 change |\n|---|---|---|---|---|")
+    print("\n| seeds | generator | own accuracy % | judge on the seeds % | judge on the images % | judge Frechet distance "
+          "| mean L2 change |\n|---|---|---|---|---|---|---|")
     for t in gtable:
-        print(f"| {t['model']} | {t['own_accuracy']} | {t['judge_accuracy']} | {t['judge_frechet']} | {t['l2_change']} |")
+        print(f"| {t['seeds']} | {t['model']} | {t['own_accuracy']} | {t['seed_judge_accuracy']} | {t['judge_accuracy']} "
+              f"| {t['judge_frechet']} | {t['l2_change']} |")
     return 0
 
 

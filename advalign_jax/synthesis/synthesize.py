@@ -3,8 +3,10 @@
 For every model of ``config.models`` (``NAME=MODEL_DIR``) and every task of ``config.tasks``
 (:mod:`advalign_jax.synthesis.ops` has the formulas and their sources):
 
-- ``generate``: ``per_class`` samples of each class of ``generate.classes`` (all by default): a seed from
-  the class's Gaussian fitted on the training split, then the targeted L2 attack towards the class;
+- ``generate``: ``per_class`` samples of each class of ``generate.classes`` (all by default): a seed
+  (``generate.seeds``: ``class``, from the class's Gaussian fitted on the training split, the papers'
+  recipe; ``pooled``, from one Gaussian of all training images, which carries no class; ``noise``,
+  ``clamp(randn / 20 + 0.5, 0, 1)``), then the targeted L2 attack towards the class;
 - ``invert``: the first ``invert.count`` images of the evaluation split, inverted from noise seeds
   through the representation;
 - ``interpolate``: ``interpolate.pairs`` pairs of evaluation images (image ``2k`` and ``2k + 1``), their
@@ -16,7 +18,7 @@ Files, under ``workdir/NAME/``: ``TASK.csv`` (one row per item), ``TASK.npz`` (t
 results, in item order), ``TASK.png`` (the grid: seeds and results per class, image, pair or unit);
 ``workdir/summary.csv`` one row per model and task: for ``generate`` the source model's own accuracy on
 its images and, with ``config.judge`` (an independent model directory), the judge's accuracy with its
-95% Wilson interval and the Frechet distance between the judge's penultimate features of the generated
+95% Wilson interval (and on the seeds, the baseline the generation starts from) and the Frechet distance between the judge's penultimate features of the generated
 images and of as many real evaluation images of the same classes; for the other tasks the mean final
 loss (matching loss, or the unit's value) with its bootstrap interval.
 
@@ -52,8 +54,9 @@ from advalign_jax.synthesis.items import assemble, run_items, save_arrays
 from advalign_jax.synthesis.representation import representation
 
 TASKS = ("generate", "invert", "interpolate", "visualize")
+SEED_KINDS = ("class", "pooled", "noise")  # generation seeds: the class's Gaussian, one of all images, noise
 CHANGEABLE = ("models", "workdir", "batch_size", "judge", "distributed", "num_devices")
-SUMMARY_COLUMNS = ("model", "task", "items", "own_accuracy", "judge_accuracy", "judge_low", "judge_high",
+SUMMARY_COLUMNS = ("model", "task", "items", "own_accuracy", "seed_judge_accuracy", "judge_accuracy", "judge_low", "judge_high",
                    "judge_frechet", "loss_mean", "loss_low", "loss_high", "l2_change")
 
 
@@ -79,6 +82,8 @@ def check_config(config) -> dict:
             raise ConfigError(f"generate.per_class must be positive, got {config.generate.per_class}")
         if int(config.generate.grain) < 1:
             raise ConfigError(f"generate.grain must be at least 1, got {config.generate.grain}")
+        if config.generate.seeds not in SEED_KINDS:
+            raise ConfigError(f"generate.seeds must be one of {', '.join(SEED_KINDS)}, got {config.generate.seeds!r}")
     for t, key in (("invert", "count"), ("interpolate", "pairs"), ("visualize", "count"), ("visualize", "seeds")):
         if t in tasks and int(config[t][key]) < 1:
             raise ConfigError(f"{t}.{key} must be positive, got {config[t][key]}")
@@ -131,10 +136,12 @@ class _Source:
         self.eval_x, self.eval_y = _split(config, self.model, config.data.split)
         _check_classes(name, self.model, self.eval_y, config.data.source)
         self.gaussians = None
-        if "generate" in tasks:
+        if "generate" in tasks and config.generate.seeds != "noise":
             x, y = _split(config, self.model, config.data.train_split, int(config.generate.fit_limit))
             _check_classes(name, self.model, y, config.data.source)
             classes = np.unique(_items(config, self, "generate")["cls"])
+            if config.generate.seeds == "pooled":  # one Gaussian of every training image, filed as class 0
+                y, classes = np.zeros_like(y), np.zeros(1, np.int32)
             try:
                 self.gaussians = ops.class_gaussians(x, y, classes, int(config.generate.grain))
             except ValueError as err:
@@ -182,10 +189,16 @@ def _batch_fn(config, src: _Source, task: str, rec: ops.Recipe) -> Callable:
         return jax.vmap(lambda i: jax.random.fold_in(base, i))(items)
 
     if task == "generate":
-        g = src.gaussians
+        g, kind = src.gaussians, config.generate.seeds
+        shape = tuple(src.model.input_shape)
 
         def fn(variables, inputs):
-            seeds = jax.vmap(lambda k, c: ops.sample_seeds(k, g, c[None])[0])(keys(inputs["item"]), inputs["cls"])
+            k = keys(inputs["item"])
+            if kind == "noise":
+                seeds = jax.vmap(lambda key: ops.noise_seeds(key, shape))(k)
+            else:
+                c = inputs["cls"] if kind == "class" else jnp.zeros_like(inputs["cls"])
+                seeds = jax.vmap(lambda key, ci: ops.sample_seeds(key, g, ci[None])[0])(k, c)
             x, logits = ops.generate(logits_fn(variables), seeds, inputs["cls"], rec)
             return {"seed": seeds, "image": x, "logits": logits}
     elif task == "invert":
@@ -307,6 +320,7 @@ def _summary(task: str, src: _Source, items: dict, arrays: dict, rows: dict, jud
             hits = int((np.argmax(logits, axis=1) == items["cls"]).sum())
             r["judge_accuracy"] = hits / len(items["cls"])
             r["judge_low"], r["judge_high"] = _wilson(hits, len(items["cls"]))
+            r["seed_judge_accuracy"] = float(np.mean(np.argmax(judge(arrays["seed"])[0], axis=1) == items["cls"]))
             real_idx = np.concatenate([np.flatnonzero(src.eval_y == c)[:int((items["cls"] == c).sum())]
                                        for c in np.unique(items["cls"])])
             _, real_feats = judge(src.eval_x[real_idx])

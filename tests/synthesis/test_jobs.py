@@ -79,6 +79,26 @@ def test_synthesize_writes_grids_arrays_and_a_summary(tmp_path, capsys):
     assert "generate.eps" in capsys.readouterr().err
 
 
+def test_pooled_and_noise_seeds_carry_no_class(tmp_path):
+    """``pooled`` seeds are draws of one Gaussian of every training image (recomputed here from the item
+    keys), whatever the class; ``noise`` seeds are ``clamp(randn / 20 + 0.5, 0, 1)``."""
+    x, _ = load_arrays("digits", "train")
+    pooled = ops.class_gaussians(x, np.zeros(len(x), np.int32), (0,), grain=1)
+    for kind in ("pooled", "noise"):
+        work = tmp_path / kind
+        assert main(_synth(work, "--config.tasks=('generate',)", f"--config.generate.seeds={kind}",
+                           "--config.generate.per_class=1")) == 0
+        with np.load(work / "vanilla" / "generate.npz") as f:
+            seed, cls = f["seed"], f["cls"]
+        assert list(cls) == [1, 7]
+        keys = [jax.random.fold_in(jax.random.PRNGKey(0), i) for i in range(2)]
+        if kind == "pooled":
+            want = np.stack([np.asarray(ops.sample_seeds(k, pooled, jnp.zeros(1, jnp.int32))[0]) for k in keys])
+        else:
+            want = np.stack([np.asarray(ops.noise_seeds(k, (16, 16, 3))) for k in keys])
+        np.testing.assert_allclose(seed, want, atol=1e-5)
+
+
 def test_generation_with_a_fixed_seed_is_the_attack_run_by_hand(tmp_path):
     """The stored seeds, attacked by the project's PGD with the recipe, give the stored images."""
     work = tmp_path / "synth"
@@ -158,6 +178,7 @@ def _five_class_model(path):
     (("--config.generate.eps=0",), "eps must be positive"),
     (("--config.invert.steps=0",), "steps must be at least 1"),
     (("--config.tasks=('dream',)",), "unknown task"),
+    (("--config.generate.seeds=dreams",), "generate.seeds must be one of"),
 ])
 def test_synthesize_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
     work = tmp_path / "bad"
