@@ -132,7 +132,7 @@ def main() -> int:
             result = last_eval(os.path.join(train, "metrics.csv"))
             rows.append({"kind": kind, "seed": s, "source": src, "test_clean": result["clean"],
                          "test_pgd_l2_1": result["robust"], "test_next_label": shifted_accuracy(os.path.join(train, "model")),
-                         "matching_steps": meta["recipe"]["steps"]})
+                         "recipe_steps": meta["recipe"]["steps"]})
     write_csv(os.path.join(args.out, "datasets.csv"), rows)
     table = [{"kind": k, "test_clean": fmt_interval([r["test_clean"] for r in rows if r["kind"] == k]),
               "test_pgd_l2_1": fmt_interval([r["test_pgd_l2_1"] for r in rows if r["kind"] == k]),

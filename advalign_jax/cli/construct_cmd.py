@@ -31,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     meta = construct.construct(config, progress=not args.no_progress)
     if not lead():
         return 0
+    reached = "target class reached" if meta["kind"] in ("det", "rand") else "matching loss below the seed image's"
     print(f"{meta['kind']}: {meta['num_examples']} images from {meta['model']['path']}; mean final loss "
-          f"{meta['loss_mean']:.4g}, target reached for {100 * meta['reached']:.1f}%")
+          f"{meta['loss_mean']:.4g}, {reached} for {100 * meta['reached']:.1f}%")
     print(f"dataset: {os.path.join(config.workdir, 'dataset.npz')} (train on it with "
           f"--config.arrays.source=constructed:{config.workdir})")
     return 0

@@ -21,7 +21,8 @@ evaluation protocol (batches sharded over the devices, resumable batch by batch:
 ``label`` int32 (the new label), ``source_label``, ``seed_index``, ``index``) with ``workdir/dataset.json``
 (the recipe, the data source, the source model's path and fingerprint), written once every image is
 done (:mod:`advalign_jax.data.constructed`); ``workdir/items.csv`` has one row per image (its final loss,
-L2 change, whether the target was reached). The trainer reads it as
+L2 change, and ``reached``: the attack's target class predicted, or the matching loss below the seed
+image's own). The trainer reads it as
 ``arrays.source='constructed:WORKDIR'``: the training split is the constructed set, any other split the
 original data's, so a model trained on it is evaluated on the **original** test set.
 """
@@ -112,8 +113,9 @@ def _batch_fn(config, model, rep, rec: ops.Recipe, kind: str) -> Callable:
     else:
         def fn(variables, inputs):
             r = lambda im: rep(variables, im)  # noqa: E731
-            x, loss = ops.match(r, r(inputs["x"]), inputs["seed"], rec)
-            return {"image": x, "loss": loss, "reached": loss < 1.0}
+            target = r(inputs["x"])
+            x, loss = ops.match(r, target, inputs["seed"], rec)
+            return {"image": x, "loss": loss, "reached": loss < ops.matching_loss(r(inputs["seed"]), target)}
     return jax.jit(fn)
 
 
