@@ -19,7 +19,8 @@ vanilla model (``vanilla_sS``) is the standard model, its PGD-AT L2 model (``PGD
    (``class``; every task) and from one Gaussian of all digits (``pooled``: the seed carries no class);
    the judge is the vanilla model of seed S + 1 (mod 3, another training run). ``OUT/generation.csv`` per
    model and seed, ``OUT/generation_table.csv`` the means with intervals, ``OUT/generation_KIND.png`` one
-   sample per class and generator (seed 0), ``OUT/synth_KIND_sS/MODEL/*.png`` every grid.
+   sample per class and generator (seed 0), ``OUT/inversion.png`` the inversions (seed 0),
+   ``OUT/synth_KIND_sS/MODEL/*.png`` every grid.
 
 Each step is the real command in its own workdir, so an interrupted comparison resumes.
 """
@@ -86,11 +87,28 @@ def figure(work: str, path: str) -> None:
             first = [int(np.flatnonzero(f["cls"] == c)[0]) for c in np.unique(f["cls"])]
             if not rows:
                 rows.append(f["seed"][first])
-                labels.append("seed (vanilla)")
+                labels.append("seed")
             rows.append(f["image"][first])
             labels.append(name)
     grid(path, rows, labels, title="class-conditional generation, digits (one sample per class)",
          col_labels=[str(c) for c in range(len(rows[0]))])
+
+
+def inversion_figure(work: str, path: str) -> None:
+    """The target digits, then each generator's inversion of their representations from noise."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from advalign_jax.synthesis.figures import grid  # pylint: disable=import-outside-toplevel
+
+    rows, labels = [], []
+    for name in GENERATORS:
+        with np.load(os.path.join(work, name, "invert.npz")) as f:
+            if not rows:
+                rows.append(f["x"])
+                labels.append("target")
+            rows.append(f["image"])
+            labels.append(name)
+    grid(path, rows, labels, title="representation inversion from noise, digits")
 
 
 def fmt_interval(values) -> str:
@@ -166,6 +184,8 @@ def main() -> int:
                                     "judge_accuracy": float(r["judge_accuracy"]),
                                     "judge_frechet": float(r["judge_frechet"]), "l2_change": float(r["l2_change"])})
         figure(os.path.join(args.out, f"synth_{kind}_s{seeds[0]}"), os.path.join(args.out, f"generation_{kind}.png"))
+        if kind == "class":
+            inversion_figure(os.path.join(args.out, f"synth_class_s{seeds[0]}"), os.path.join(args.out, "inversion.png"))
     write_csv(os.path.join(args.out, "generation.csv"), gen)
     gtable = []
     for kind in SEED_KINDS:
