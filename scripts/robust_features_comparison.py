@@ -34,7 +34,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+
+from advalign_jax.data.images import load_arrays
 from advalign_jax.evaluation.stats import t_interval
+from advalign_jax.models import load_model
+from advalign_jax.synthesis.figures import grid
 
 SOURCE = "results/adversarial_comparison"
 KINDS = ("det", "rand", "robust", "non_robust")
@@ -64,51 +69,30 @@ def last_eval(metrics_csv: str) -> dict:
 def shifted_accuracy(model_path: str) -> float:
     """The share of the original test digits the model labels ``(y + 1) mod 10``: what a model that
     learned the robust features of D_det (the digit, paired there with the next label) does."""
-    import numpy as np  # pylint: disable=import-outside-toplevel  # heavy imports only where used
-
-    from advalign_jax.data.images import load_arrays  # pylint: disable=import-outside-toplevel
-    from advalign_jax.models import load_model  # pylint: disable=import-outside-toplevel
-
     model, variables = load_model(model_path)
     x, y = load_arrays("digits", "test")
     pred = np.argmax(np.asarray(model.apply(variables, x)), axis=1)
     return float(np.mean(pred == (y + 1) % 10))
 
 
-def figure(work: str, path: str) -> None:
-    """One row per generator (and the seeds): the first generated image of each class."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.synthesis.figures import grid  # pylint: disable=import-outside-toplevel
-
+def figure(work: str, path: str, task: str) -> None:
+    """One row per generator under a first row of its common inputs: for ``generate`` the seeds and the
+    first image of each class, for ``invert`` the target digits and their inversions from noise."""
     rows, labels = [], []
     for name in GENERATORS:
-        with np.load(os.path.join(work, name, "generate.npz")) as f:
-            first = [int(np.flatnonzero(f["cls"] == c)[0]) for c in np.unique(f["cls"])]
+        with np.load(os.path.join(work, name, f"{task}.npz")) as f:
+            pick = ([int(np.flatnonzero(f["cls"] == c)[0]) for c in np.unique(f["cls"])] if task == "generate"
+                    else slice(None))
             if not rows:
-                rows.append(f["seed"][first])
-                labels.append("seed")
-            rows.append(f["image"][first])
+                rows.append((f["seed"] if task == "generate" else f["x"])[pick])
+                labels.append("seed" if task == "generate" else "target")
+            rows.append(f["image"][pick])
             labels.append(name)
-    grid(path, rows, labels, title="class-conditional generation, digits (one sample per class)",
-         col_labels=[str(c) for c in range(len(rows[0]))])
-
-
-def inversion_figure(work: str, path: str) -> None:
-    """The target digits, then each generator's inversion of their representations from noise."""
-    import numpy as np  # pylint: disable=import-outside-toplevel
-
-    from advalign_jax.synthesis.figures import grid  # pylint: disable=import-outside-toplevel
-
-    rows, labels = [], []
-    for name in GENERATORS:
-        with np.load(os.path.join(work, name, "invert.npz")) as f:
-            if not rows:
-                rows.append(f["x"])
-                labels.append("target")
-            rows.append(f["image"])
-            labels.append(name)
-    grid(path, rows, labels, title="representation inversion from noise, digits")
+    if task == "generate":
+        grid(path, rows, labels, title="class-conditional generation, digits (one sample per class)",
+             col_labels=[str(c) for c in range(len(rows[0]))])
+    else:
+        grid(path, rows, labels, title="representation inversion from noise, digits")
 
 
 def fmt_interval(values) -> str:
@@ -183,9 +167,10 @@ def main() -> int:
                                     "seed_judge_accuracy": float(r["seed_judge_accuracy"]),
                                     "judge_accuracy": float(r["judge_accuracy"]),
                                     "judge_frechet": float(r["judge_frechet"]), "l2_change": float(r["l2_change"])})
-        figure(os.path.join(args.out, f"synth_{kind}_s{seeds[0]}"), os.path.join(args.out, f"generation_{kind}.png"))
+        figure(os.path.join(args.out, f"synth_{kind}_s{seeds[0]}"), os.path.join(args.out, f"generation_{kind}.png"),
+               "generate")
         if kind == "class":
-            inversion_figure(os.path.join(args.out, f"synth_class_s{seeds[0]}"), os.path.join(args.out, "inversion.png"))
+            figure(os.path.join(args.out, f"synth_class_s{seeds[0]}"), os.path.join(args.out, "inversion.png"), "invert")
     write_csv(os.path.join(args.out, "generation.csv"), gen)
     gtable = []
     for kind in SEED_KINDS:

@@ -39,7 +39,7 @@ from advalign_jax.attacks.pgd import PGDConfig, pgd
 from advalign_jax.data.synthetic import cue_region
 from advalign_jax.evaluation.robust.job import load_data
 from advalign_jax.evaluation.stats import mean_with_interval
-from advalign_jax.losses.harmonization import safe_std, standardize_cut
+from advalign_jax.losses.harmonization import standardize_cut
 from advalign_jax.models import load_model
 
 DEFAULT = "vanilla=checkpoints/small_cnn_vanilla,randomcue=checkpoints/small_cnn_randomcue,harmonized=checkpoints/small_cnn_harmonized"
@@ -58,8 +58,8 @@ def measures(model, variables, x, y, eps: float, mask):
     logits, vjp = jax.vjp(logits_fn, x)
     (g,) = vjp(jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
     s = jnp.mean(g, axis=-1)
-    centred = (s - jnp.mean(s, axis=(1, 2), keepdims=True)) / (safe_std(s, (1, 2)) + 1e-6)
-    out = {"mean_cut": share(standardize_cut(s), mask), "mean_negative": share(jax.nn.relu(-centred), mask),
+    # what the cut removes: relu(-(s - mean) / std), i.e. standardize_cut(-s)
+    out = {"mean_cut": share(standardize_cut(s), mask), "mean_negative": share(standardize_cut(-s), mask),
            "absmax": share(jnp.max(jnp.abs(g), axis=-1), mask), "abs_mean": share(jnp.mean(jnp.abs(g), axis=-1), mask)}
     for c, name in enumerate("RGB"):
         out[f"channel_{name}"] = share(jnp.abs(g[..., c]), mask)

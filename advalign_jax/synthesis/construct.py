@@ -29,7 +29,6 @@ original data's, so a model trained on it is evaluated on the **original** test 
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Optional
 
@@ -44,10 +43,11 @@ from advalign_jax.errors import ConfigError, DataError
 from advalign_jax.evaluation.job import EvaluationJob, default_log
 from advalign_jax.models import fingerprint, load_model
 from advalign_jax.synthesis import ops
-from advalign_jax.synthesis.items import assemble, run_items, save_arrays
+from advalign_jax.synthesis.items import assemble, l2_distance, run_items, save_arrays
 from advalign_jax.synthesis.representation import representation
 
 KINDS = ("det", "rand", "robust", "non_robust")
+MATCHING = ("robust", "non_robust")  # the kinds built by representation matching (the others: the attack)
 CHANGEABLE = ("workdir", "batch_size", "distributed", "num_devices")
 ROW_COLUMNS = ("item", "source_label", "label", "seed_index", "loss", "l2_change", "reached")
 
@@ -81,8 +81,8 @@ def check_config(config) -> ops.Recipe:
                           "rand and non_robust, a robust one for robust)")
     if int(config.batch_size) < 1:
         raise ConfigError(f"batch_size must be positive, got {config.batch_size}")
-    block = config.attack if config.kind in ("det", "rand") else config.matching
-    name = "attack" if config.kind in ("det", "rand") else "matching"
+    name = "matching" if config.kind in MATCHING else "attack"
+    block = config[name]
     try:
         return ops.Recipe(float(block.eps), float(block.step_size), int(block.steps), bool(block.use_best))
     except ValueError as err:
@@ -104,8 +104,8 @@ def _load_training_set(config, model):
     return x.astype(np.float32), y.astype(np.int32)
 
 
-def _batch_fn(config, model, rep, rec: ops.Recipe, kind: str) -> Callable:
-    if kind in ("det", "rand"):
+def _batch_fn(model, rep, rec: ops.Recipe, kind: str) -> Callable:
+    if kind not in MATCHING:
         def fn(variables, inputs):
             x, logits = ops.generate(model.logits_fn(variables), inputs["x"], inputs["t"], rec)
             loss = -jnp.take_along_axis(jax.nn.log_softmax(logits), inputs["t"][:, None], axis=1)[:, 0]
@@ -130,28 +130,26 @@ def construct(config, progress: bool = True, log: Optional[Callable[[str], None]
     x, y = _load_training_set(config, model)
     n = len(x)
     labels = relabel(kind, y, model.num_classes, int(config.seed))
-    seeds = seed_images(n, int(config.seed)) if kind in ("robust", "non_robust") else np.full(n, -1, np.int32)
-    rep = None
-    if kind in ("robust", "non_robust"):
-        rep = representation(model, variables, config.matching.layer, bool(config.matching.fake_relu))
-    items = {"x": x, "t": labels}
-    if kind in ("robust", "non_robust"):
-        items["seed"] = x[seeds]
+    matching = kind in MATCHING
+    seeds = seed_images(n, int(config.seed)) if matching else np.full(n, -1, np.int32)
+    rep = representation(model, variables, config.matching.layer, bool(config.matching.fake_relu)) if matching else None
+    items = {"x": x, "t": labels, "seed_index": seeds}
+    gather = {"seed": (x, "seed_index")} if matching else {}  # the seed images looked up per batch
     with EvaluationJob(config, CHANGEABLE, log or default_log) as job:
         rows_path = job.path("items.csv")
         if job.writer:
             job.check(os.path.exists(rows_path), {"source": entry}, lambda _: os.path.exists(rows_path))
 
         def rows_fn(idx, host):
+            change = l2_distance(host["image"], x[seeds[idx]] if matching else x[idx])
             return [{"item": int(i), "source_label": int(y[i]), "label": int(labels[i]), "seed_index": int(seeds[i]),
-                     "loss": float(host["loss"][k]),
-                     "l2_change": float(np.sqrt(np.sum((host["image"][k].astype(np.float64)
-                                                        - (items["seed"][i] if "seed" in items else x[i])) ** 2))),
+                     "loss": float(host["loss"][k]), "l2_change": float(change[k]),
                      "reached": int(bool(host["reached"][k]))} for k, i in enumerate(idx)]
 
-        rows, computed = run_items(job, mesh, variables, items, _batch_fn(config, model, rep, rec, kind), tuple(items) + ("item",),
-                         ("image",), rows_fn, ROW_COLUMNS, rows_path, job.path("parts"), int(config.batch_size),
-                         "source", entry, desc=f"construct {kind}", progress=progress)
+        rows, computed = run_items(job, mesh, variables, items, _batch_fn(model, rep, rec, kind),
+                                   ("x", "t", "item") + tuple(gather), ("image",), rows_fn, ROW_COLUMNS, rows_path,
+                                   job.path("parts"), int(config.batch_size), "source", entry,
+                                   desc=f"construct {kind}", progress=progress, gather=gather)
         meta = {"format": FORMAT, "kind": kind, "num_examples": n, "num_classes": model.num_classes,
                 "image_shape": list(x.shape[1:]),
                 "data": {"source": config.data.source, "split": config.data.split, "data_dir": config.data.data_dir,
@@ -161,7 +159,8 @@ def construct(config, progress: bool = True, log: Optional[Callable[[str], None]
                 "seed": int(config.seed)}
         if rep is not None:
             meta["recipe"].update({"layer": config.matching.layer, "fake_relu": bool(config.matching.fake_relu)})
-        finished = store.read_json(job.path("dataset.json"), None) == meta and os.path.exists(job.path("dataset.npz"))
+        finished = job.writer and store.read_json(job.path("dataset.json"), None) == meta and os.path.exists(
+            job.path("dataset.npz"))
         if job.writer and (computed or not finished):  # a finished set reopened is not rewritten
             image = assemble(job.path("parts"), n, ("image",))["image"]
             save_arrays(job.path("dataset.npz"), {"image": image.astype(np.float32), "label": labels,
@@ -174,6 +173,3 @@ def construct(config, progress: bool = True, log: Optional[Callable[[str], None]
             meta["reached"] = float(np.mean([int(r["reached"]) for r in values]))
         return meta
 
-
-def describe(meta: dict) -> str:
-    return json.dumps({k: meta[k] for k in ("kind", "num_examples", "num_classes", "data", "recipe")}, sort_keys=True)

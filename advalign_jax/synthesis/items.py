@@ -35,6 +35,28 @@ def _savez(path: str, arrays: dict) -> None:
     store.atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)
 
 
+def l2_distance(a, b) -> np.ndarray:
+    """``||a_i - b_i||_2`` per example of two (N, ...) arrays, in float64."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return np.sqrt((d.reshape(len(d), -1) ** 2).sum(axis=1))
+
+
+class _GatheringSource(ArraySource):
+    """:class:`ArraySource` whose batches also hold ``table[batch[index_key]]`` under each name of
+    ``gather`` (``{name: (table, index_key)}``): rows of a large array looked up per batch, not copied
+    per item."""
+
+    def __init__(self, arrays: dict, gather: dict, batch_size: int, mesh):
+        super().__init__(arrays, batch_size, mesh)
+        self.gather = gather
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            for name, (table, index_key) in self.gather.items():
+                batch[name] = table[batch[index_key]]
+            yield batch
+
+
 def save_arrays(path: str, arrays: dict) -> None:
     """``numpy.savez`` of ``arrays`` written atomically (the old file or the new, never half)."""
     store.make_dirs(os.path.dirname(path) or ".")
@@ -67,9 +89,10 @@ def assemble(parts_dir: str, n: int, keys: Sequence[str]) -> dict:
 def run_items(job, mesh, variables, arrays: dict, batch_fn: Callable, inputs: Sequence[str], outputs: Sequence[str],
               rows_fn: Callable[[np.ndarray, dict], list], columns: Sequence[str], rows_path: str, parts_dir: str,
               batch_size: int, name: str, entry: dict, desc: str, progress: bool = True,
-              validate: Optional[Callable] = None) -> dict:
+              validate: Optional[Callable] = None, gather: Optional[dict] = None) -> tuple:
     """Runs ``batch_fn(variables, inputs) -> {output: (B, ...)}`` over the items of ``arrays`` (``{key:
-    (n, ...)}``; ``item`` is added); process 0 keeps ``outputs`` in the part files and
+    (n, ...)}``; ``item`` is added; ``gather``: ``{name: (table, index_key)}``, inputs looked up per batch
+    as ``table[index]``); process 0 keeps ``outputs`` in the part files and
     ``rows_fn(items, host)`` in ``rows_path`` (its ``item`` column the key); returns ``(rows, computed)``:
     the row file's rows (``{}`` on the other processes) and whether this run computed any item (a
     finished run reopened computes none, so its caller need not rewrite what it assembled before)."""
@@ -77,7 +100,7 @@ def run_items(job, mesh, variables, arrays: dict, batch_fn: Callable, inputs: Se
     rows = job.open_rows(rows_path, columns, validate, key="item")
     if job.writer:
         store.make_dirs(parts_dir)
-    source = ArraySource({"item": np.arange(n, dtype=np.int32), **arrays}, batch_size, mesh)
+    source = _GatheringSource({"item": np.arange(n, dtype=np.int32), **arrays}, gather or {}, batch_size, mesh)
     evaluator = Evaluator(batch_fn=batch_fn, inputs=tuple(inputs), rows=lambda meta, host: [],
                           summarise=lambda r: r, columns=tuple(columns))
     done = job.done(rows, n)

@@ -50,7 +50,7 @@ from advalign_jax.evaluation.stats import mean_with_interval
 from advalign_jax.models import fingerprint, load_model
 from advalign_jax.synthesis import ops
 from advalign_jax.synthesis.figures import grid
-from advalign_jax.synthesis.items import assemble, run_items, save_arrays
+from advalign_jax.synthesis.items import assemble, l2_distance, run_items, save_arrays
 from advalign_jax.synthesis.representation import representation
 
 TASKS = ("generate", "invert", "interpolate", "visualize")
@@ -139,7 +139,7 @@ class _Source:
         if "generate" in tasks and config.generate.seeds != "noise":
             x, y = _split(config, self.model, config.data.train_split, int(config.generate.fit_limit))
             _check_classes(name, self.model, y, config.data.source)
-            classes = np.unique(_items(config, self, "generate")["cls"])
+            classes = np.asarray(_generate_classes(config, self), np.int32)
             if config.generate.seeds == "pooled":  # one Gaussian of every training image, filed as class 0
                 y, classes = np.zeros_like(y), np.zeros(1, np.int32)
             try:
@@ -148,15 +148,20 @@ class _Source:
                 raise DataError(f"{name}: generate: {err}") from None
 
 
+def _generate_classes(config, src: _Source) -> tuple:
+    """The classes to generate (``generate.classes``, or every class of the model), checked."""
+    classes = tuple(int(c) for c in config.generate.classes) or tuple(range(src.model.num_classes))
+    bad = [c for c in classes if not 0 <= c < src.model.num_classes]
+    if bad:
+        raise ConfigError(f"generate.classes: class {bad[0]} is not one of model {src.name}'s "
+                          f"{src.model.num_classes} classes (0-{src.model.num_classes - 1})")
+    return classes
+
+
 def _items(config, src: _Source, task: str) -> dict:
     """The items of one task: ``{key: (n, ...)}``."""
     if task == "generate":
-        classes = tuple(int(c) for c in config.generate.classes) or tuple(range(src.model.num_classes))
-        bad = [c for c in classes if not 0 <= c < src.model.num_classes]
-        if bad:
-            raise ConfigError(f"generate.classes: class {bad[0]} is not one of model {src.name}'s "
-                              f"{src.model.num_classes} classes (0-{src.model.num_classes - 1})")
-        return {"cls": np.repeat(np.asarray(classes, np.int32), int(config.generate.per_class))}
+        return {"cls": np.repeat(np.asarray(_generate_classes(config, src), np.int32), int(config.generate.per_class))}
     n_eval = len(src.eval_x)
     if task == "invert":
         n = int(config.invert.count)
@@ -236,14 +241,10 @@ OUTPUTS = {"generate": ("seed", "image", "logits"), "invert": ("seed", "image", 
            "interpolate": ("image", "loss"), "visualize": ("seed", "image", "value")}
 
 
-def _l2(a, b) -> np.ndarray:
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    return np.sqrt((d.reshape(len(d), -1) ** 2).sum(axis=1))
-
-
 def _rows_fn(task: str, items: dict) -> Callable:
     def rows(idx, host):
         out = []
+        change = l2_distance(host["image"], host["seed"]) if "seed" in host else None
         for k, i in enumerate(idx):
             r = {"item": int(i)}
             if task == "generate":
@@ -251,16 +252,16 @@ def _rows_fn(task: str, items: dict) -> Callable:
                 p = np.exp(logits - logits.max())
                 c = int(items["cls"][i])
                 r.update({"class": c, "predicted": int(np.argmax(logits)), "confidence": float(p[c] / p.sum()),
-                          "l2_change": float(_l2(host["image"][k:k + 1], host["seed"][k:k + 1])[0])})
+                          "l2_change": float(change[k])})
             elif task == "invert":
                 r.update({"label": int(items["y"][i]), "loss": float(host["loss"][k]),
-                          "l2_change": float(_l2(host["image"][k:k + 1], host["seed"][k:k + 1])[0])})
+                          "l2_change": float(change[k])})
             elif task == "interpolate":
                 r.update({"loss_mean": float(np.mean(host["loss"][k])), "loss_max": float(np.max(host["loss"][k]))})
             else:
                 r.update({"unit": int(items["unit"][i]), "seed": "noise" if items["noise"][i] else "image",
                           "start": float(host["start"][k]), "value": float(host["value"][k]),
-                          "l2_change": float(_l2(host["image"][k:k + 1], host["seed"][k:k + 1])[0])})
+                          "l2_change": float(change[k])})
             out.append(r)
         return out
     return rows
@@ -334,8 +335,8 @@ def _summary(task: str, src: _Source, items: dict, arrays: dict, rows: dict, jud
     return r
 
 
-def _run_task(config, job, mesh, src: _Source, task: str, rec: ops.Recipe, progress: bool) -> Optional[dict]:
-    items = _items(config, src, task)
+def _run_task(config, job, mesh, src: _Source, task: str, items: dict, rec: ops.Recipe,
+              progress: bool) -> Optional[dict]:
     folder = job.path(src.name)
     rows, computed = run_items(job, mesh, src.variables, items, _batch_fn(config, src, task, rec), tuple(items) + ("item",),
                      OUTPUTS[task], _rows_fn(task, items), ROW_COLUMNS[task], os.path.join(folder, f"{task}.csv"),
@@ -360,9 +361,7 @@ def synthesize(config, progress: bool = True, log: Optional[Callable[[str], None
     specs = parse_models(config.models)
     mesh = parallel.job_mesh(config)
     sources = [_Source(config, name, path) for name, path in specs]  # every model checked before writing
-    for src in sources:
-        for task in recipes:
-            _items(config, src, task)
+    items = {(src.name, task): _items(config, src, task) for src in sources for task in recipes}
     judge = _Judge(config) if config.judge else None
     with EvaluationJob(config, CHANGEABLE, log or default_log) as job:
         if job.writer:
@@ -371,7 +370,7 @@ def synthesize(config, progress: bool = True, log: Optional[Callable[[str], None
         summary = []
         for src in sources:
             for task, rec in recipes.items():
-                done = _run_task(config, job, mesh, src, task, rec, progress)
+                done = _run_task(config, job, mesh, src, task, items[src.name, task], rec, progress)
                 if done is not None:
                     summary.append(_summary(task, src, done["items"], done["arrays"], done["rows"], judge))
         if not job.writer:

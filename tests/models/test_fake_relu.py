@@ -46,7 +46,11 @@ from advalign_jax.errors import ConfigError
 from advalign_jax.models import get_model
 from advalign_jax.models.base import fake_relu, with_fake_relu
 from advalign_jax.models.convert import import_weights
+import torch_resnet
+import torch_robustness
+import torch_vgg
 from model_checks import assert_close, random_images, rel_err
+from torch_wideresnet import TorchWideResNet, randomise
 
 # XLA's CPU backend optimisations off: these small programs compile several times faster; the
 # computation is the same.
@@ -291,8 +295,6 @@ def torch_gradients(net, pre, x_nhwc, w):
 
 
 def _robustness_cifar(block):
-    import torch_robustness
-
     def build():
         torch.manual_seed(0)
         net = torch_robustness.CifarResNet(getattr(torch_robustness, block), (1, 1, 1, 1), num_classes=5,
@@ -302,28 +304,20 @@ def _robustness_cifar(block):
 
 
 def _randomise(net, seed=1):
-    from torch_wideresnet import randomise
-
     return randomise(net, seed=seed).eval()
 
 
 def _torchvision_resnet18():
-    import torch_resnet
-
     torch.manual_seed(0)
     return _randomise(torch_resnet.ResNet(torch_resnet.BasicBlock, (1, 1, 1, 1), num_classes=5))
 
 
 def _trades_wrn():
-    from torch_wideresnet import TorchWideResNet
-
     torch.manual_seed(0)
     return _randomise(TorchWideResNet(depth=10, widen_factor=1, num_classes=5))
 
 
 def _torchvision_vgg16():
-    import torch_vgg
-
     return torch_vgg.randomize(torch_vgg.VGG(num_classes=5, hidden=16), seed=3)
 
 
