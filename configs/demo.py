@@ -27,6 +27,8 @@ Variants (``:ARG``):
   vanilla     the default: cross-entropy on the shortcut shards (``data/synth``).
   randomcue   cross-entropy on the cue-random shards (``data/synth_randomcue``).
   harmonized  the neural harmonizer's loss (lambda 1) on the shortcut shards.
+  rrr         right for the right reasons (lambda_rrr 1e-3, the soft mask 1 - map) on the shortcut shards:
+              the squared input-gradient of the log-probabilities off the human map.
   pgd         PGD adversarial training (the ``robustness`` library's attack: L2 eps 0.25, 5 steps of 0.0625,
               the best iterate) on the shortcut shards.
   trades      TRADES (L2 eps 0.25, 5 steps, beta 6) on the shortcut shards.
@@ -47,8 +49,9 @@ from advalign_jax.training.config_blocks import (model_block, objective_block, o
                                                  trainer_fields)
 
 IMAGE_SIZE = 64
+RRR_LAMBDA = 1e-3  # the squared log-probability gradient off the map is ~4e4 per image for vanilla
 TRAIN_FILES = {"vanilla": "data/synth/train-*.tfrecords", "harmonized": "data/synth/train-*.tfrecords",
-               "randomcue": "data/synth_randomcue/train-*.tfrecords"}
+               "rrr": "data/synth/train-*.tfrecords", "randomcue": "data/synth_randomcue/train-*.tfrecords"}
 
 
 def get_config(arg: str = "vanilla"):
@@ -71,6 +74,8 @@ def get_config(arg: str = "vanilla"):
         pass
     elif arg == "harmonized":
         c.objective = objective_block("harmonizer", lambda_harmonization=1.0, pyramid_levels=5, saliency="mean")
+    elif arg == "rrr":
+        c.objective = objective_block("rrr", lambda_rrr=RRR_LAMBDA)
     elif arg == "pgd":
         c.objective = objective_block("adversarial")
         c.objective.adversarial.update(dict(constraint="l2", eps=0.25, step_size=0.0625, steps=5))
@@ -84,5 +89,5 @@ def get_config(arg: str = "vanilla"):
         c.checkpoint_every = 3
         c.log_every = 2
     else:
-        raise ValueError(f"unknown variant {arg!r}: use vanilla, randomcue, harmonized, pgd, trades or runlocal")
+        raise ValueError(f"unknown variant {arg!r}: use vanilla, randomcue, harmonized, rrr, pgd, trades or runlocal")
     return c

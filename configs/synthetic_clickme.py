@@ -13,6 +13,9 @@ Variants (``:ARG``):
   train_randomcue
             the same 2000 images but for the patch, whose colour is drawn independently of the label
             (an uninformative cue; the demonstration's control model trains on it).
+  train_strongcue
+            the same 2000 images with the patch always in the label's colour (a perfect shortcut: the
+            harmonizer study of docs/demonstration.md trains on it, into data/synth_strongcue).
   val       the embedded default evaluation data: 128 JPEG-256 records, 1 shard, seed 1, and a patch
             colour drawn independently of the label (a model that took the shortcut is fooled by it).
   test_raw  the adversarial-alignment encoding: 100 raw-float32 224x224 records in one file.
@@ -38,6 +41,8 @@ def get_config(arg: str = "train"):
         pass
     elif arg == "train_randomcue":
         c.spurious = 0.0
+    elif arg == "train_strongcue":
+        c.spurious = 1.0
     elif arg == "val":
         c.num_images, c.num_shards, c.spurious, c.seed, c.prefix = 128, 1, 0.0, 1, "val"
     elif arg == "test_raw":
@@ -46,5 +51,5 @@ def get_config(arg: str = "train"):
     elif arg == "runlocal":
         c.num_images, c.num_shards, c.size = 24, 2, 64
     else:
-        raise ValueError(f"unknown variant {arg!r}: use train, train_randomcue, val, test_raw or runlocal")
+        raise ValueError(f"unknown variant {arg!r}: use train, train_randomcue, train_strongcue, val, test_raw or runlocal")
     return c

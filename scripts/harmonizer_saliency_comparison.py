@@ -1,101 +1,185 @@
-"""The harmonizer with the signed channel mean (the reference) against the channel max of |gradient|,
-over seeds, on the synthetic shapes: the table of docs/demonstration.md.
+"""The harmonizer's saliency reduction and lambda against vanilla, over seeds, on the synthetic shapes
+with the corner-patch shortcut: the tables of docs/demonstration.md.
 
-    python scripts/harmonizer_saliency_comparison.py [--seeds 0,1,2] [--out DIR]
+    python scripts/harmonizer_saliency_comparison.py [--data shortcut|strongcue] [--seeds 0,1,2]
+        [--variants NAME,...] [--out DIR]
 
-Models (``results/adversarial_comparison_shapes/``, 1,000 steps of batch 64 on the shortcut shards
-``data/synth``): ``vanilla_sS`` and ``harmonizer_sS`` from ``scripts/adversarial_comparison.py --study
-shapes`` (run it first), and ``harmonizer_absmax_sS``, trained here if missing: ``advalign-jax train
---config configs/demo.py:harmonized --config.objective.saliency=absmax`` with the same seed and budget.
-For each seed one ``advalign-jax evaluate --config configs/adversarial_alignment.py`` run on the embedded
-shard measures the three models (accuracy, the cue-swap test, the minimal attack's share on the patch),
-and ``scripts/shortcut_mechanism.py`` the channel agreement of their input-gradients. ``OUT/runs.csv``
-one row per model and seed, ``OUT/table.csv`` the means with 95% t-intervals.
+Every model is ``configs/demo.py`` at 1,000 steps of batch 64 (a third of the shipped models' budget),
+trained here when its ``model/`` is missing (a partial run resumes)::
+
+    advalign-jax train --config configs/demo.py:VARIANT --config.workdir=DIR --config.seed=S
+        --config.total_steps=1000 --config.checkpoint_every=500 [--config.objective.KEY=VALUE ...]
+
+Data (``--data``): ``shortcut``, the demonstration's shards (``data/synth``: the patch shows the label's
+colour 91% of the time; models in ``results/adversarial_comparison_shapes/``, where
+``scripts/adversarial_comparison.py --study shapes`` puts its vanilla and harmonizer with the same
+command), or ``strongcue`` (``data/synth_strongcue``: the same images, the patch always in the label's
+colour; models in ``OUT/strongcue/models/``). Missing shards are written first (``advalign-jax data
+synth``). Every model is measured on the 128 embedded validation images (the patch colour drawn
+independently of the label), one run per model and seed:
+
+- ``advalign-jax evaluate --config configs/adversarial_alignment.py``: accuracy, the cue-swap test,
+  the minimal attack's share on the patch (``avg_cue_mass``), adversarial alignment;
+- ``advalign-jax evaluate-clickme --config configs/human_alignment.py``: the human-alignment score and
+  the ``max_c |g|`` saliency's share on the patch;
+- ``scripts/shortcut_mechanism.py``: the channel agreement of the input-gradient on the patch.
+
+``OUT/DATA/runs.csv``: one row per model and seed; ``OUT/DATA/table.csv``: per variant the mean over
+seeds with its 95% t-interval and the per-seed values, and the same for the per-seed difference from
+vanilla (the same seed). Prints the table as Markdown. About 3 minutes per harmonized model and 2 per
+vanilla one on a 2-core CPU, and 1 minute of measurement per model.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import os
 import subprocess
 import sys
 
 from advalign_jax.evaluation.stats import t_interval
 
-SOURCE = "results/adversarial_comparison_shapes"
-METRICS = (("accuracy", "accuracy"), ("cue_swap_accuracy", "cue-swap accuracy"), ("cue_follow_rate", "follows the patch"),
-           ("avg_cue_mass", "attack on the patch"), ("agreement", "channel agreement"))
+VARIANTS = {  # label: (workdir tag, configs/demo.py variant, objective overrides)
+    "vanilla": ("vanilla", "vanilla", ()),
+    "harmonizer (mean)": ("harmonizer", "harmonized", ()),
+    "harmonizer (absmax)": ("harmonizer_absmax", "harmonized", ("saliency=absmax",)),
+    "harmonizer (mean_abs)": ("harmonizer_mean_abs", "harmonized", ("saliency=mean_abs",)),
+    "harmonizer (mean, lambda 0.3)": ("harmonizer_lambda0.3", "harmonized", ("lambda_harmonization=0.3",)),
+    "harmonizer (mean, lambda 3)": ("harmonizer_lambda3", "harmonized", ("lambda_harmonization=3.0",)),
+    "harmonizer (mean_abs, lambda 3)": ("harmonizer_mean_abs_lambda3", "harmonized",
+                                        ("saliency=mean_abs", "lambda_harmonization=3.0")),
+    "right for the right reasons": ("rrr", "rrr", ()),
+}
+DATA = {  # name: (synthetic_clickme.py variant, shard directory, models directory or None for OUT/NAME/models)
+    "shortcut": ("train", "data/synth", "results/adversarial_comparison_shapes"),
+    "strongcue": ("train_strongcue", "data/synth_strongcue", None),
+}
+METRICS = (("accuracy", "accuracy"), ("cue_swap_accuracy", "cue-swap accuracy"),
+           ("cue_follow_rate", "follows the patch"), ("attack_patch", "attack on the patch"),
+           ("saliency_patch", "saliency on the patch"), ("human_alignment", "human-alignment score"),
+           ("agreement", "channel agreement on the patch"))
 
 
 def run(*args: str) -> None:
-    print("+", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+    print("+", " ".join(args), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, *args], check=True, stdout=subprocess.DEVNULL)
+
+
+def cli(*args: str) -> None:
+    run("-m", "advalign_jax.cli.main", *args, "--no-progress")
+
+
+def first_row(path: str) -> dict:
+    with open(path, newline="") as f:
+        return next(csv.DictReader(f))
+
+
+def train(work: str, variant: str, overrides, shards: str, seed: int) -> None:
+    if os.path.isdir(os.path.join(work, "model")):
+        return
+    files = f"--config.data.files=('{shards}/train-*.tfrecords',)"
+    cli("train", "--config", f"configs/demo.py:{variant}", f"--config.workdir={work}", f"--config.seed={seed}",
+        "--config.total_steps=1000", "--config.checkpoint_every=500", files,
+        *[f"--config.objective.{o}" for o in overrides])
+
+
+def measure(model_dir: str, work: str) -> dict:
+    """The evaluations of one trained model; each is skipped when its result is there."""
+    spec = f"('small_cnn={os.path.abspath(model_dir)}',)"
+    aa, ha = os.path.join(work, "adversarial_alignment"), os.path.join(work, "human_alignment")
+    if not os.path.exists(os.path.join(aa, "summary.csv")):
+        cli("evaluate", "--config", "configs/adversarial_alignment.py", f"--config.models={spec}",
+            f"--config.workdir={aa}")
+    if not os.path.exists(os.path.join(ha, "summary.csv")):
+        cli("evaluate-clickme", "--config", "configs/human_alignment.py", f"--config.models={spec}",
+            f"--config.workdir={ha}")
+    if not os.path.exists(os.path.join(work, "mechanism.csv")):
+        run("scripts/shortcut_mechanism.py", "--models", f"model={model_dir}", "--out", work)
+    a, h, m = (first_row(os.path.join(d, f)) for d, f in ((aa, "summary.csv"), (ha, "summary.csv"),
+                                                           (work, "mechanism.csv")))
+    return {"accuracy": float(a["accuracy"]), "cue_swap_accuracy": float(a["cue_swap_accuracy"]),
+            "cue_follow_rate": float(a["cue_follow_rate"]), "attack_patch": float(a["avg_cue_mass"]),
+            "saliency_patch": float(h["avg_cue_mass"]), "human_alignment": float(h["human_alignment"]),
+            "agreement": float(m["cancellation_patch"])}
+
+
+def summarise(rows: list, labels: list) -> list:
+    by = {(r["model"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    table = []
+    for label in labels:
+        entry = {"model": label, "seeds": len(seeds)}
+        for key, _ in METRICS:
+            vals = [by[(label, s)][key] for s in seeds]
+            diffs = [by[(label, s)][key] - by[("vanilla", s)][key] for s in seeds if ("vanilla", s) in by]
+            entry[key] = t_interval(vals)
+            entry[key + "_per_seed"] = " ".join(f"{v:.4f}" for v in vals)
+            entry[key + "_vs_vanilla"] = t_interval(diffs) if len(diffs) == len(seeds) else (float("nan"),) * 3
+        table.append(entry)
+    return table
+
+
+def write_table(path: str, table: list) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        head = ["model", "seeds"]
+        for key, _ in METRICS:
+            head += [key, f"{key}_low", f"{key}_high", f"{key}_per_seed",
+                     f"{key}_vs_vanilla", f"{key}_vs_vanilla_low", f"{key}_vs_vanilla_high"]
+        w.writerow(head)
+        for e in table:
+            line = [e["model"], e["seeds"]]
+            for key, _ in METRICS:
+                line += [f"{v:.6g}" for v in e[key]] + [e[key + "_per_seed"]]
+                line += [f"{v:.6g}" for v in e[key + "_vs_vanilla"]]
+            w.writerow(line)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="shortcut", choices=sorted(DATA))
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--variants", default="", help=f"comma-separated, default all: {', '.join(VARIANTS)}")
     p.add_argument("--out", default="results/harmonizer_saliency")
     args = p.parse_args()
+    labels = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    unknown = [v for v in labels if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {', '.join(map(repr, unknown))}; known: {', '.join(VARIANTS)}")
+    if "vanilla" not in labels:
+        labels.insert(0, "vanilla")
     seeds = [int(s) for s in args.seeds.split(",")]
+    synth, shards, models = DATA[args.data]
+    out = os.path.join(args.out, args.data)
+    models = models or os.path.join(out, "models")
+    if not glob.glob(os.path.join(shards, "train-*.tfrecords")):
+        cli("data", "synth", "--config", f"configs/synthetic_clickme.py:{synth}", "--out", shards)
     rows = []
-    for s in seeds:
-        absmax = os.path.join(SOURCE, f"harmonizer_absmax_s{s}")
-        if not os.path.isdir(os.path.join(absmax, "model")):
-            run("-m", "advalign_jax.cli.main", "train", "--config", "configs/demo.py:harmonized", "--no-progress",
-                f"--config.workdir={absmax}", f"--config.seed={s}", "--config.total_steps=1000",
-                "--config.checkpoint_every=500", "--config.objective.saliency=absmax")
-        models = {"vanilla": f"{SOURCE}/vanilla_s{s}/model", "harmonizer (mean)": f"{SOURCE}/harmonizer_s{s}/model",
-                  "harmonizer (absmax)": f"{absmax}/model"}
-        for path in models.values():
-            if not os.path.isdir(path):
-                raise SystemExit(f"{path} is missing: run `python scripts/adversarial_comparison.py --study shapes` first")
-        names = {"vanilla": "vanilla", "harmonizer (mean)": "harmonizer_mean", "harmonizer (absmax)": "harmonizer_absmax"}
-        work = os.path.join(args.out, f"s{s}")
-        links = os.path.join(args.out, "models", f"s{s}")  # evaluate files results under the directory's name
-        os.makedirs(links, exist_ok=True)
-        for label, name in names.items():
-            link = os.path.join(links, name)
-            if not os.path.islink(link):
-                os.symlink(os.path.abspath(models[label]), link)
-            models[label] = link
-        spec = "(" + ", ".join(f"'small_cnn={v}'" for v in models.values()) + ",)"  # ARCH=DIR
-        run("-m", "advalign_jax.cli.main", "evaluate", "--config", "configs/adversarial_alignment.py", "--no-progress",
-            f"--config.models={spec}", f"--config.workdir={work}")
-        run("scripts/shortcut_mechanism.py", "--models", ",".join(f"{names[k]}={v}" for k, v in models.items()),
-            "--out", work)
-        with open(os.path.join(work, "summary.csv"), newline="") as f:
-            summary = {r["model"]: r for r in csv.DictReader(f)}
-        with open(os.path.join(work, "mechanism.csv"), newline="") as f:
-            mech = {r["model"]: r for r in csv.DictReader(f)}
-        for label, name in names.items():
-            r = summary[name]
-            rows.append({"model": label, "seed": s, "accuracy": float(r["accuracy"]),
-                         "cue_swap_accuracy": float(r["cue_swap_accuracy"]), "cue_follow_rate": float(r["cue_follow_rate"]),
-                         "avg_cue_mass": float(r["avg_cue_mass"]), "agreement": float(mech[name]["cancellation_patch"])})
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "runs.csv"), "w", newline="") as f:
+    for s in seeds:  # every model of a seed before the next seed: a partial study has whole seeds
+        for label in labels:
+            tag, variant, overrides = VARIANTS[label]
+            work = os.path.join(models, f"{tag}_s{s}")
+            train(work, variant, overrides, shards, s)
+            rows.append({"model": label, "seed": s,
+                         **measure(os.path.join(work, "model"), os.path.join(out, "eval", f"{tag}_s{s}"))})
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    table = []
-    for label in dict.fromkeys(r["model"] for r in rows):
-        entry = {"model": label}
-        for key, _ in METRICS:
-            m, lo, hi = t_interval([r[key] for r in rows if r["model"] == label])
-            entry[key] = f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-            entry[key + "_per_seed"] = " ".join(f"{r[key]:.3f}" for r in rows if r["model"] == label)
-        table.append(entry)
-    with open(os.path.join(args.out, "table.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(table[0]))
-        w.writeheader()
-        w.writerows(table)
+    table = summarise(rows, labels)
+    write_table(os.path.join(out, "table.csv"), table)
+    fmt = lambda t: f"{t[0]:.3f} [{t[1]:.3f}, {t[2]:.3f}]"  # noqa: E731
+    print(f"data: {args.data} ({shards}); seeds {args.seeds}; means with 95% t-intervals over seeds")
     print("| model | " + " | ".join(h for _, h in METRICS) + " |\n|---|" + "---|" * len(METRICS))
     for t in table:
-        print(f"| {t['model']} | " + " | ".join(t[k] for k, _ in METRICS) + " |")
-    for t in table:
-        print(t["model"], {k: t[k + "_per_seed"] for k, _ in METRICS})
+        print(f"| {t['model']} | " + " | ".join(fmt(t[k]) for k, _ in METRICS) + " |")
+    print("\nper-seed difference from vanilla (same seed):")
+    print("| model | " + " | ".join(h for _, h in METRICS) + " |\n|---|" + "---|" * len(METRICS))
+    for t in table[1:]:
+        print(f"| {t['model']} | " + " | ".join(fmt(t[k + '_vs_vanilla']) for k, _ in METRICS) + " |")
+    print(f"results: {os.path.join(out, 'table.csv')}, {os.path.join(out, 'runs.csv')}")
     return 0
 
 

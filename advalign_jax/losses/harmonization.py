@@ -7,7 +7,8 @@ function, the full loss and its parameter gradient with that package's TensorFlo
 For images x, labels y, human maps phi (N, H, W) and tokens t (N,):
 
 1. ``g = d f_y(x) / d x`` from the **same** training-mode forward pass that gives the logits (the
-   true-class logit, signed), then the mean over RGB: (N, H, W)  (:func:`saliency_from_vjp`);
+   true-class logit, signed), then the mean over RGB: (N, H, W)  (:func:`saliency_from_vjp`; the
+   reduction is an option, :func:`reduce_saliency`: ``'mean'`` is the reference's);
 2. ``z+(h) = relu((h - mean_hw h) / (std_hw h + 1e-5))`` (:func:`standardize_cut`, population std; a
    constant map gives 0 with a finite derivative, :func:`safe_std`);
 3. ``s = z+(g)``, ``h = z+(phi)``; ``h <- h / (max_hw h + 1e-6) * stop_gradient(max_hw s + 1e-6)``
@@ -88,14 +89,29 @@ def pyramidal_mse(a, b, tokens, levels: int = 5):
     return sum(jnp.mean(jnp.square(u - v) * t) for u, v in zip(pa, pb)) / levels
 
 
+SALIENCY_REDUCTIONS = ("mean", "absmax", "mean_abs")
+
+
 def reduce_saliency(grad, variant: str = "mean"):
-    """An input-gradient (N, H, W, C) reduced over its channels: ``'mean'`` (signed mean; the training
-    loss) or ``'absmax'`` (max of the absolute value; the evaluation saliency)."""
+    """An input-gradient ``g`` (N, H, W, C) reduced over its channels:
+
+    - ``'mean'``: ``mean_c g_c``, the signed mean (the reference ``harmonizer_loss``; the default, for
+      reproduction). Gradients of opposite sign in different channels cancel, so a colour-contrast
+      feature can carry a large ``|g|`` while its channel mean, the only thing the loss sees, is near 0
+      (docs/demonstration.md measures this on the shortcut data);
+    - ``'absmax'``: ``max_c |g_c|``, the evaluation saliency (Harmonization's ``saliency`` and the
+      attack-side measures use it);
+    - ``'mean_abs'``: ``mean_c |g_c|``, the absolute value before the channel mean (the reduction of
+      Ross et al. 2017, "Right for the right reasons", and of SmoothGrad's magnitude maps): no
+      cancellation, and every channel's gradient reaches the loss, not only the largest.
+    """
     if variant == "mean":
         return jnp.mean(grad, axis=-1)
     if variant == "absmax":
         return jnp.max(jnp.abs(grad), axis=-1)
-    raise ValueError(f"saliency variant must be 'mean' or 'absmax', got {variant!r}")
+    if variant == "mean_abs":
+        return jnp.mean(jnp.abs(grad), axis=-1)
+    raise ValueError(f"saliency variant must be one of {', '.join(map(repr, SALIENCY_REDUCTIONS))}, got {variant!r}")
 
 
 def saliency_from_vjp(vjp_fn, labels, num_classes: int, variant: str = "mean", dtype=jnp.float32):

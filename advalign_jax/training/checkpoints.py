@@ -39,6 +39,8 @@ from advalign_jax.training.config_blocks import adversarial_block
 ADDED_KEYS = {
     "objective.differentiation": "auto",  # either order computes the same loss and gradient
     "objective.adversarial": run_record.plain(adversarial_block()),  # only read by the adversarial objectives
+    "objective.lambda_rrr": 1.0,  # only read by objective 'rrr'
+    "objective.rrr_threshold": 0.0,
 }
 # Keys that may change between a run and its resumption: they do not change what is computed.
 CHANGEABLE = ("total_steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_every", "workdir",

@@ -31,6 +31,9 @@ def objective_block(name: str = "ce", **overrides) -> ml_collections.ConfigDict:
     block.lambda_harmonization = 1.0
     block.pyramid_levels = 5
     block.saliency = "mean"
+    # right for the right reasons (objective 'rrr'): lambda x the squared input-gradient off the human map
+    block.lambda_rrr = 1.0
+    block.rrr_threshold = 0.0  # 0: the soft mask 1 - map; t > 0: the binary mask map < t
     # harmonizer and PAG: the order in which the parameter gradient goes through the input-gradients:
     # 'reverse_over_reverse' (back through the VJP) or 'reverse_over_forward' (the gradient of
     # forward-mode directional derivatives). The same loss and gradient; docs/benchmarks.md compares

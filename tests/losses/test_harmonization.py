@@ -133,14 +133,14 @@ def _cfg(**kw):
     return c
 
 
-def _grads(km, batch, bn, dtype=jnp.float32):
+def _grads(km, batch, bn, dtype=jnp.float32, **cfg):
     params, state = _flax_variables(km)
     params, state = jax.tree.map(lambda a: jnp.asarray(a, dtype), (params, state))
     batch = {k: (jnp.asarray(v, dtype) if k != "label" else v) for k, v in batch.items()}
     model = Model(name="tiny", module=TinyNet(bn=bn, dtype=dtype), num_classes=5, input_shape=(32, 32, 3),
                   options={})
     (value, (new_state, metrics)), grads = jax.value_and_grad(harmonizer.loss, argnums=1, has_aux=True)(
-        model, params, state, batch, None, _cfg())
+        model, params, state, batch, None, _cfg(**cfg))
     return value, new_state, metrics, grads
 
 
@@ -219,6 +219,77 @@ def test_gradient_through_training_mode_batchnorm(rng):
     for ours_key, keras_var in (("mean", "moving_mean"), ("var", "moving_variance")):
         np.testing.assert_allclose(new_state["batch_stats"]["bn"][ours_key],
                                    getattr(fresh.get_layer("bn"), keras_var).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The channel reductions other than the reference's signed mean (objective.saliency)
+# ----------------------------------------------------------------------------------------------------
+
+def test_reduce_saliency_against_numpy(rng):
+    g = rng.normal(size=(2, 5, 6, 3)).astype(np.float32)
+    np.testing.assert_allclose(H.reduce_saliency(g, "mean"), g.mean(-1), rtol=1e-6)
+    np.testing.assert_allclose(H.reduce_saliency(g, "absmax"), np.abs(g).max(-1), rtol=1e-6)
+    np.testing.assert_allclose(H.reduce_saliency(g, "mean_abs"), np.abs(g).mean(-1), rtol=1e-6)
+    # a colour contrast: opposite channels cancel in the signed mean only
+    contrast = np.zeros((1, 2, 2, 3), np.float32)
+    contrast[..., 0], contrast[..., 1] = 2.0, -2.0
+    assert float(np.abs(H.reduce_saliency(contrast, "mean")).max()) == 0.0
+    assert float(H.reduce_saliency(contrast, "mean_abs").min()) == pytest.approx(4.0 / 3.0)
+    with pytest.raises(ValueError, match="mean_abs"):
+        H.reduce_saliency(g, "max")
+
+
+def _tf_variant_grads(km, batch, reduce):
+    """The package's ``harmonizer_loss`` with its channel mean replaced by ``reduce`` (TensorFlow):
+    the same two tapes, the package's own standardize-cut and pyramidal MSE."""
+    loss_mod = ref.load("training.loss")
+    images, tokens = tf.constant(batch["image"]), tf.constant(batch["token"])
+    labels = tf.constant(np.eye(5, dtype=np.float32)[batch["label"]])
+    variables = KerasForReference(km).trainable_variables
+    with tf.GradientTape() as tape:
+        with tf.GradientTape() as inner:
+            inner.watch(images)
+            y_pred = km(images, training=True)
+            picked = tf.reduce_sum(y_pred * labels, -1)
+        s = loss_mod.standardize_cut(reduce(inner.gradient(picked, images)))
+        h = loss_mod.standardize_cut(tf.constant(batch["heatmap"]))
+        h = h / (tf.reduce_max(h, (1, 2), keepdims=True) + 1e-6) * (
+            tf.stop_gradient(tf.reduce_max(s, (1, 2), keepdims=True)) + 1e-6)
+        align = loss_mod.pyramidal_mse_with_tokens(s, h, tokens)
+        ce = tf.reduce_mean(loss_mod.Cross_entropy(labels, y_pred))
+        decay = tf.add_n([tf.nn.l2_loss(v) for v in variables])
+        loss = ce + 1e-5 * decay + align
+    return {v.path: g.numpy() for v, g in zip(km.trainable_variables, tape.gradient(loss, variables))}
+
+
+@pytest.mark.parametrize("variant", ["absmax", "mean_abs"])
+def test_other_saliency_reductions_match_tensorflow(rng, variant):
+    """``objective.saliency`` 'absmax' and 'mean_abs': the whole parameter gradient (double backprop
+    through |g|) within 1e-5 of the package's loss with that reduction in place of its channel mean."""
+    reduce = {"absmax": lambda g: tf.reduce_max(tf.abs(g), -1), "mean_abs": lambda g: tf.reduce_mean(tf.abs(g), -1)}
+    km = _keras_tiny(4, bn=False)
+    batch = _batch(rng, [1, 0, 1, 1])
+    ours = _by_keras_name(_grads(km, batch, bn=False, saliency=variant)[3])
+    with jax.enable_x64(True):
+        exact = _by_keras_name(jax.tree.map(np.asarray, _grads(km, batch, bn=False, dtype=jnp.float64,
+                                                               saliency=variant)[3]))
+    want = _tf_variant_grads(km, batch, reduce[variant])
+    _assert_agreement(ours, want, exact)
+    mean = _by_keras_name(_grads(km, batch, bn=False)[3])
+    assert _rel(mean["conv1/kernel"], ours["conv1/kernel"]) > 1e-3  # the reduction changes the gradient
+
+
+def test_harmonizer_config_is_checked_before_training():
+    from advalign_jax.models import registry
+
+    model = registry.get_model("small_cnn", num_classes=10, input_size=32)
+    for key, value, words in (("saliency", "max", "objective.saliency"),
+                              ("lambda_harmonization", -1.0, "lambda_harmonization"),
+                              ("pyramid_levels", 0, "pyramid_levels")):
+        config = ml_collections.ConfigDict({"objective": _cfg(**{key: value})})
+        with pytest.raises(ConfigError, match=words):
+            harmonizer.validate(config, model)
+    harmonizer.validate(ml_collections.ConfigDict({"objective": _cfg(saliency="mean_abs")}), model)
 
 
 def test_decay_mask_follows_the_reference_substrings():

@@ -5,8 +5,8 @@ of the true-class logit w.r.t. the input), so BatchNorm statistics are updated o
 trainer differentiates the whole loss w.r.t. the parameters (double backprop). Terms and constants:
 :mod:`advalign_jax.losses.harmonization`. Config (``objective`` block): ``lambda_harmonization``
 (1.0 in the package; 2.0 in the lab's training code), ``pyramid_levels`` (5; 6 in the older code),
-``saliency`` ('mean' as in the reference), ``label_smoothing`` (0.1), ``weight_decay`` (1e-5) and
-``decay_exclude`` (the name mask).
+``saliency`` ('mean' as in the reference; 'absmax' or 'mean_abs': ``reduce_saliency``),
+``label_smoothing`` (0.1), ``weight_decay`` (1e-5) and ``decay_exclude`` (the name mask).
 
 The order of differentiation (``differentiation``; ``auto`` and a block without the key mean
 :data:`DEFAULT_DIFFERENTIATION`) gives the same loss and gradient (``tests/losses/test_harmonization.py``):
@@ -24,6 +24,8 @@ The order of differentiation (``differentiation``; ``auto`` and a block without 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -35,6 +37,20 @@ DIFFERENTIATIONS = ("reverse_over_reverse", "reverse_over_forward")
 # 'auto' (the config default): reverse over reverse, as fast as the other order on the ResNet50V2 step
 # (median ratio 0.93 with rounds up to 1.16, docs/benchmarks.md), so the simpler program stays.
 DEFAULT_DIFFERENTIATION = "reverse_over_reverse"
+
+
+def validate(config, model) -> None:  # pylint: disable=unused-argument
+    """The objective block checked before anything is written: the saliency reduction, lambda and the
+    pyramid depth."""
+    cfg = config.objective
+    if cfg.saliency not in H.SALIENCY_REDUCTIONS:
+        raise ConfigError(f"objective.saliency must be one of {', '.join(H.SALIENCY_REDUCTIONS)}, got {cfg.saliency!r}")
+    lam = float(cfg.lambda_harmonization)
+    if not (math.isfinite(lam) and lam >= 0):
+        raise ConfigError(f"objective.lambda_harmonization must be a finite number >= 0, "
+                          f"got {cfg.lambda_harmonization}")
+    if int(cfg.pyramid_levels) < 1:
+        raise ConfigError(f"objective.pyramid_levels must be at least 1, got {cfg.pyramid_levels}")
 
 
 def loss(model, params, model_state, batch, rng, cfg):
