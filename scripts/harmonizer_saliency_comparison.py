@@ -22,7 +22,9 @@ independently of the label), one run per model and seed:
   the minimal attack's share on the patch (``avg_cue_mass``), adversarial alignment;
 - ``advalign-jax evaluate-clickme --config configs/human_alignment.py``: the human-alignment score and
   the ``max_c |g|`` saliency's share on the patch;
-- ``scripts/shortcut_mechanism.py``: the channel agreement of the input-gradient on the patch.
+- ``scripts/shortcut_mechanism.py``: the channel agreement of the input-gradient on the patch, the
+  margin ``f_y - f_k`` to the painted class ``k``, the change the swap makes to it and the change the
+  input-gradient predicts (its first-order term).
 
 ``OUT/DATA/runs.csv``: one row per model and seed; ``OUT/DATA/table.csv``: per variant the mean over
 seeds with its 95% t-interval and the per-seed values, and the same for the per-seed difference from
@@ -59,7 +61,8 @@ DATA = {  # name: (synthetic_clickme.py variant, shard directory, models directo
 METRICS = (("accuracy", "accuracy"), ("cue_swap_accuracy", "cue-swap accuracy"),
            ("cue_follow_rate", "follows the patch"), ("attack_patch", "attack on the patch"),
            ("saliency_patch", "saliency on the patch"), ("human_alignment", "human-alignment score"),
-           ("agreement", "channel agreement on the patch"))
+           ("agreement", "channel agreement on the patch"), ("margin", "margin f_y - f_k"),
+           ("swap_change", "the swap's change of the margin"), ("swap_first_order", "its first-order prediction"))
 
 
 def run(*args: str) -> None:
@@ -95,14 +98,16 @@ def measure(model_dir: str, work: str) -> dict:
     if not os.path.exists(os.path.join(ha, "summary.csv")):
         cli("evaluate-clickme", "--config", "configs/human_alignment.py", f"--config.models={spec}",
             f"--config.workdir={ha}")
-    if not os.path.exists(os.path.join(work, "mechanism.csv")):
+    mechanism = os.path.join(work, "mechanism.csv")
+    if not os.path.exists(mechanism) or "swap_change" not in first_row(mechanism):
         run("scripts/shortcut_mechanism.py", "--models", f"model={model_dir}", "--out", work)
     a, h, m = (first_row(os.path.join(d, f)) for d, f in ((aa, "summary.csv"), (ha, "summary.csv"),
                                                            (work, "mechanism.csv")))
     return {"accuracy": float(a["accuracy"]), "cue_swap_accuracy": float(a["cue_swap_accuracy"]),
             "cue_follow_rate": float(a["cue_follow_rate"]), "attack_patch": float(a["avg_cue_mass"]),
             "saliency_patch": float(h["avg_cue_mass"]), "human_alignment": float(h["human_alignment"]),
-            "agreement": float(m["cancellation_patch"])}
+            "agreement": float(m["cancellation_patch"]), "margin": float(m["margin"]),
+            "swap_change": float(m["swap_change"]), "swap_first_order": float(m["swap_first_order"])}
 
 
 def summarise(rows: list, labels: list) -> list:

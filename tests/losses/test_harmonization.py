@@ -239,6 +239,24 @@ def test_reduce_saliency_against_numpy(rng):
         H.reduce_saliency(g, "max")
 
 
+def test_a_colour_contrast_passes_the_signed_mean_unpenalised(rng):
+    """The loophole docs/demonstration.md measures: an input-gradient that matches the human map plus a
+    strong colour contrast (+5 red, -5 green) on a patch the map leaves out has exactly the alignment
+    term of the gradient without the patch under 'mean'; 'absmax' and 'mean_abs' penalise it."""
+    maps = np.zeros((2, 32, 32), np.float32)
+    maps[:, 8:24, 8:24] = rng.uniform(0.5, 1.0, size=(2, 16, 16))
+    clean = np.repeat(maps[..., None], 3, axis=-1)
+    contrast = clean.copy()
+    contrast[:, 26:30, 26:30, 0] += 5.0
+    contrast[:, 26:30, 26:30, 1] -= 5.0
+    tokens = np.ones(2, np.float32)
+    term = {v: [float(H.alignment_term(H.reduce_saliency(jnp.asarray(g), v), maps, tokens)) for g in (clean, contrast)]
+            for v in H.SALIENCY_REDUCTIONS}
+    assert term["mean"][1] == pytest.approx(term["mean"][0], abs=1e-7)
+    for v in ("absmax", "mean_abs"):
+        assert term[v][1] > 10 * term[v][0] + 1e-3, (v, term[v])
+
+
 def _tf_variant_grads(km, batch, reduce):
     """The package's ``harmonizer_loss`` with its channel mean replaced by ``reduce`` (TensorFlow):
     the same two tapes, the package's own standardize-cut and pyramidal MSE."""
