@@ -24,7 +24,8 @@ independently of the label), one run per model and seed:
   the ``max_c |g|`` saliency's share on the patch;
 - ``scripts/shortcut_mechanism.py``: the channel agreement of the input-gradient on the patch, the
   margin ``f_y - f_k`` to the painted class ``k``, the change the swap makes to it and the change the
-  input-gradient predicts (its first-order term).
+  input-gradient predicts (its first-order term), and the patch's share of the alignment term of the
+  variant's own loss (``leverage``; vanilla: the reference's signed mean).
 
 ``OUT/DATA/runs.csv``: one row per model and seed; ``OUT/DATA/table.csv``: per variant the mean over
 seeds with its 95% t-interval and the per-seed values, and the same for the per-seed difference from
@@ -62,7 +63,8 @@ METRICS = (("accuracy", "accuracy"), ("cue_swap_accuracy", "cue-swap accuracy"),
            ("cue_follow_rate", "follows the patch"), ("attack_patch", "attack on the patch"),
            ("saliency_patch", "saliency on the patch"), ("human_alignment", "human-alignment score"),
            ("agreement", "channel agreement on the patch"), ("margin", "margin f_y - f_k"),
-           ("swap_change", "the swap's change of the margin"), ("swap_first_order", "its first-order prediction"))
+           ("swap_change", "the swap's change of the margin"), ("swap_first_order", "its first-order prediction"),
+           ("leverage", "the patch's share of the alignment term"))
 
 
 def run(*args: str) -> None:
@@ -88,7 +90,16 @@ def train(work: str, variant: str, overrides, shards: str, seed: int) -> None:
         *[f"--config.objective.{o}" for o in overrides])
 
 
-def measure(model_dir: str, work: str) -> dict:
+def own_reduction(label: str) -> str:
+    """The channel reduction of the variant's own harmonizer loss ('mean' for vanilla: the reference's),
+    or '' for a loss without one."""
+    tag, variant, overrides = VARIANTS[label]
+    if variant == "rrr":
+        return ""
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("saliency=")), "mean")
+
+
+def measure(model_dir: str, work: str, reduction: str) -> dict:
     """The evaluations of one trained model; each is skipped when its result is there."""
     spec = f"('small_cnn={os.path.abspath(model_dir)}',)"
     aa, ha = os.path.join(work, "adversarial_alignment"), os.path.join(work, "human_alignment")
@@ -99,7 +110,7 @@ def measure(model_dir: str, work: str) -> dict:
         cli("evaluate-clickme", "--config", "configs/human_alignment.py", f"--config.models={spec}",
             f"--config.workdir={ha}")
     mechanism = os.path.join(work, "mechanism.csv")
-    if not os.path.exists(mechanism) or "swap_change" not in first_row(mechanism):
+    if not os.path.exists(mechanism) or "leverage_mean" not in first_row(mechanism):
         run("scripts/shortcut_mechanism.py", "--models", f"model={model_dir}", "--out", work)
     a, h, m = (first_row(os.path.join(d, f)) for d, f in ((aa, "summary.csv"), (ha, "summary.csv"),
                                                            (work, "mechanism.csv")))
@@ -107,7 +118,8 @@ def measure(model_dir: str, work: str) -> dict:
             "cue_follow_rate": float(a["cue_follow_rate"]), "attack_patch": float(a["avg_cue_mass"]),
             "saliency_patch": float(h["avg_cue_mass"]), "human_alignment": float(h["human_alignment"]),
             "agreement": float(m["cancellation_patch"]), "margin": float(m["margin"]),
-            "swap_change": float(m["swap_change"]), "swap_first_order": float(m["swap_first_order"])}
+            "swap_change": float(m["swap_change"]), "swap_first_order": float(m["swap_first_order"]),
+            "leverage": float(m[f"leverage_{reduction}"]) if reduction else float("nan")}
 
 
 def summarise(rows: list, labels: list) -> list:
@@ -168,7 +180,8 @@ def main() -> int:
             work = os.path.join(models, f"{tag}_s{s}")
             train(work, variant, overrides, shards, s)
             rows.append({"model": label, "seed": s,
-                         **measure(os.path.join(work, "model"), os.path.join(out, "eval", f"{tag}_s{s}"))})
+                         **measure(os.path.join(work, "model"), os.path.join(out, "eval", f"{tag}_s{s}"),
+                                   own_reduction(label))})
     with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -24,7 +24,10 @@ the true-class logit's input-gradient and ``P`` the patch square
   makes; ``swap_first_order`` what the input-gradient predicts for it, ``grad m(x) . (x_swap - x)``;
   ``swap_at_midpoint`` the change from ``x`` to ``(x + x_swap) / 2``; ``follows`` whether the copy is
   classified as ``k``. A patch effect the gradient at the image sees has ``swap_first_order`` close
-  to ``swap_change``; one that is flat at the image and steep between colours has it close to 0.
+  to ``swap_change``; one that is flat at the image and steep between colours has it close to 0;
+- ``leverage_mean`` / ``_absmax`` / ``_mean_abs``: the share of the harmonizer's alignment term (with
+  that channel reduction, the human maps as training reads them) that the patch's saliency accounts
+  for: ``1 - align(s (1 - P)) / align(s)``.
 
 ``patch_area`` is the patch's share of the pixels (the share of a uniform map). Each value is the mean
 over images with its 95% bootstrap interval (``advalign_jax.evaluation.stats``). Writes
@@ -45,13 +48,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from advalign_jax.data import embedded_files
 from advalign_jax.evaluation import shortcut
 from advalign_jax.evaluation.robust.job import load_data
 from advalign_jax.evaluation.stats import mean_with_interval
 from advalign_jax.models import load_model
 
 DEFAULT = "vanilla=checkpoints/small_cnn_vanilla,randomcue=checkpoints/small_cnn_randomcue,harmonized=checkpoints/small_cnn_harmonized"
-MEASURES = shortcut.GRADIENT_MEASURES + shortcut.SWAP_MEASURES
+MEASURES = shortcut.GRADIENT_MEASURES + shortcut.SWAP_MEASURES + shortcut.LEVERAGE_MEASURES
 
 
 def main() -> int:
@@ -72,13 +76,18 @@ def main() -> int:
             x, y = load_data(view, model)
             size = int(model.input_shape[0])
             mask = jnp.asarray(shortcut.patch_mask(size))
-            x_swap, y_swap = shortcut.read_records(swap_files, size)
+            x_swap, y_swap, _ = shortcut.read_records(swap_files, size)
+            x_maps, y_maps, maps = shortcut.read_records(embedded_files("val"), size, minmax_maps=True)
+            if not (np.array_equal(y_maps, np.asarray(y)) and np.allclose(x_maps, np.asarray(x))):
+                raise SystemExit("the human maps are not in the order of the embedded images")
             if not np.array_equal(y_swap, np.asarray(y)):
                 raise SystemExit("the cue-swap copies are not in the order of the embedded images")
             values = jax.jit(lambda v, a, b: shortcut.gradient_measures(model.logits_fn(v), a, b, mask, args.eps))(
                 variables, x, y)
             values.update(jax.jit(lambda v, a, b, c, d: shortcut.swap_measures(model.logits_fn(v), a, b, c, d))(
                 variables, x, x_swap, y, jnp.asarray(painted, jnp.int32)))
+            values.update(jax.jit(lambda v, a, b, c: shortcut.loss_leverage(model.logits_fn(v), a, b, c, mask))(
+                variables, x, y, maps))
             row = {"model": name, "images": len(x), "patch_area": float(np.mean(shortcut.patch_mask(size)))}
             for k in MEASURES:
                 m, lo, hi = mean_with_interval(np.asarray(values[k]))

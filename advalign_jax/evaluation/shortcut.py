@@ -18,6 +18,13 @@ m((x + x_swap) / 2) - m(x)`` and ``follows = [argmax f(x_swap) = k]``. For a mod
 ``swap_first_order = swap_change`` and the midpoint change is half of it; a response that is flat at the
 image's own colour and steep near another has ``|swap_first_order|`` and the midpoint change well below
 that (``tests/evaluation/test_shortcut.py`` checks both cases).
+
+:func:`loss_leverage` asks how much the harmonizer's alignment term
+(:func:`advalign_jax.losses.harmonization.alignment_term`, with a given channel reduction) depends on
+the patch: per image, ``1 - align(s (1 - P), h) / align(s, h)`` with ``s`` the reduced gradient and ``h``
+the human map as training reads it, i.e. the share of the term that would go if the model had no
+gradient on the patch. A small leverage means the loss has little to gain from moving the gradient off
+the patch, whatever the model's reliance on it.
 """
 
 from __future__ import annotations
@@ -34,11 +41,12 @@ from advalign_jax.data.reader import ClickMeReader, ReaderConfig
 from advalign_jax.data.synthetic import cue_region
 from advalign_jax.errors import DataError
 from advalign_jax.evaluation import cue_swap
-from advalign_jax.losses.harmonization import standardize_cut
+from advalign_jax.losses.harmonization import alignment_term, reduce_saliency, standardize_cut
 
 GRADIENT_MEASURES = ("mean_cut", "mean_negative", "absmax", "abs_mean", "channel_R", "channel_G", "channel_B",
                      "attack", "cancellation_patch", "cancellation_elsewhere")
 SWAP_MEASURES = ("margin", "swap_change", "swap_first_order", "swap_at_midpoint", "follows")
+LEVERAGE_MEASURES = ("leverage_mean", "leverage_absmax", "leverage_mean_abs")
 
 
 def patch_mask(size: int) -> np.ndarray:
@@ -93,15 +101,33 @@ def swap_measures(logits_fn, x, x_swap, y, k) -> dict:
             "swap_at_midpoint": m_mid - m, "follows": (jnp.argmax(logits_swap, -1) == k).astype(jnp.float32)}
 
 
-def read_records(files: Sequence[str], size: int, num_classes: int = 10) -> tuple:
-    """Images and labels of the records in ``files`` read at ``size`` (the evaluations' reader)."""
-    images, labels = [], []
+def loss_leverage(logits_fn, x, y, maps, mask, reductions=("mean", "absmax", "mean_abs"), levels: int = 5) -> dict:
+    """Per image and channel reduction: ``1 - align(s (1 - P), h) / align(s, h)`` (module docstring);
+    keys ``leverage_<reduction>``."""
+    logits, vjp = jax.vjp(logits_fn, x)
+    (g,) = vjp(jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
+    one = jnp.ones((1,), jnp.float32)
+    term = jax.vmap(lambda s, h: alignment_term(s[None], h[None], one, levels))
+    out = {}
+    for r in reductions:
+        s = reduce_saliency(g, r)
+        full, without = term(s, maps), term(s * (1.0 - mask), maps)
+        out[f"leverage_{r}"] = jnp.where(full > 0, 1.0 - without / jnp.where(full > 0, full, 1.0), jnp.nan)
+    return out
+
+
+def read_records(files: Sequence[str], size: int, num_classes: int = 10, minmax_maps: bool = False) -> tuple:
+    """Images, labels and human maps of the records in ``files`` read at ``size`` (the evaluations'
+    reader; ``minmax_maps=True``: the maps as training reads them)."""
+    images, labels, maps = [], [], []
     for batch in ClickMeReader(ReaderConfig(files=tuple(files), batch_size=32, num_classes=num_classes,
-                                            image_size=size), process_index=0, process_count=1):
+                                            image_size=size, minmax_maps=minmax_maps),
+                               process_index=0, process_count=1):
         keep = np.asarray(batch["mask"], bool)
         images.append(np.asarray(batch["image"])[keep])
         labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+        maps.append(np.asarray(batch["heatmap"])[keep])
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32), np.concatenate(maps)
 
 
 def embedded_swap_copies(folder: str, log=print) -> tuple:

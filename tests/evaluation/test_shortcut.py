@@ -71,3 +71,30 @@ def test_a_colour_contrast_on_the_patch_cancels_in_the_channel_mean():
     np.testing.assert_allclose(out["absmax"], area / (area + 0.1 * (1 - area)), rtol=1e-5)
     np.testing.assert_allclose(out["channel_B"], 0.0, atol=1e-7)
     np.testing.assert_allclose(out["mean_cut"], 0.0, atol=1e-7)  # the loss's saliency has nothing there
+
+
+def test_loss_leverage_is_the_share_of_the_alignment_term_on_the_patch():
+    """No gradient on the patch (and a mismatch elsewhere): leverage 0 for every reduction. A gradient bump on the patch (where the
+    human map is 0) on top of the map: the term without the patch is the map-only one, so the leverage
+    is ``1 - align(map-only) / align(with bump)``, computed here from the loss function itself."""
+    from advalign_jax.losses.harmonization import alignment_term
+
+    mask = shortcut.patch_mask(SIZE)
+    maps = np.zeros((1, SIZE, SIZE), np.float32)
+    maps[0, 6:12, 6:12] = 1.0
+    ramp = np.linspace(0.0, 0.5, SIZE)[None, :] * np.ones((SIZE, 1))  # off the map: a mismatch to align
+    w_map = np.repeat((maps[0] + ramp)[None, ..., None], 3, axis=-1) * (1 - mask)[None, ..., None]
+    w_bump = w_map + 2.0 * mask[None, ..., None]
+    x = jnp.zeros((1, SIZE, SIZE, 3))
+    y = jnp.zeros(1, jnp.int32)
+    for w, bump in ((w_map, False), (w_bump, True)):
+        out = shortcut.loss_leverage(_linear(jnp.asarray(w)), x, y, jnp.asarray(maps), jnp.asarray(mask))
+        for r in ("mean", "absmax", "mean_abs"):
+            if not bump:
+                np.testing.assert_allclose(out[f"leverage_{r}"], 0.0, atol=1e-6)
+            else:
+                one = jnp.ones(1)
+                want = 1 - alignment_term(jnp.asarray(w_map[..., 0]), maps, one) / alignment_term(
+                    jnp.asarray(w_bump[..., 0]), maps, one)
+                np.testing.assert_allclose(out[f"leverage_{r}"], want, rtol=1e-5)
+                assert float(out[f"leverage_{r}"][0]) > 0.1
