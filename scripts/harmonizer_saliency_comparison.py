@@ -39,6 +39,7 @@ import argparse
 import csv
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -54,6 +55,7 @@ VARIANTS = {  # label: (workdir tag, configs/demo.py variant, objective override
     "harmonizer (mean_abs, lambda 3)": ("harmonizer_mean_abs_lambda3", "harmonized",
                                         ("saliency=mean_abs", "lambda_harmonization=3.0")),
     "right for the right reasons": ("rrr", "rrr", ()),
+    "right for the right reasons (lambda 0.01)": ("rrr_lambda0.01", "rrr", ("lambda_rrr=0.01",)),
 }
 DATA = {  # name: (synthetic_clickme.py variant, shard directory, models directory or None for OUT/NAME/models)
     "shortcut": ("train", "data/synth", "results/adversarial_comparison_shapes"),
@@ -161,7 +163,8 @@ def main() -> int:
     p.add_argument("--variants", default="", help=f"comma-separated, default all: {', '.join(VARIANTS)}")
     p.add_argument("--out", default="results/harmonizer_saliency")
     args = p.parse_args()
-    labels = [v.strip() for v in args.variants.split(",")] if args.variants else list(VARIANTS)
+    # commas inside a name's parentheses ("harmonizer (mean, lambda 3)") do not separate names
+    labels = [v.strip() for v in re.split(r",(?![^()]*\))", args.variants)] if args.variants else list(VARIANTS)
     unknown = [v for v in labels if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {', '.join(map(repr, unknown))}; known: {', '.join(VARIANTS)}")
