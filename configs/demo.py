@@ -26,7 +26,8 @@ numbers.
 Variants (``:ARG``):
   vanilla     the default: cross-entropy on the shortcut shards (``data/synth``).
   randomcue   cross-entropy on the cue-random shards (``data/synth_randomcue``).
-  harmonized  the neural harmonizer's loss (lambda 1) on the shortcut shards.
+  harmonized  the neural harmonizer's loss (lambda 1) on the shortcut shards; the reference's signed channel
+              mean, or --config.objective.saliency=mean_abs / absmax (docs/demonstration.md compares them).
   rrr         right for the right reasons (lambda_rrr 1e-3, the soft mask 1 - map) on the shortcut shards:
               the squared input-gradient of the log-probabilities off the human map.
   pgd         PGD adversarial training (the ``robustness`` library's attack: L2 eps 0.25, 5 steps of 0.0625,
