@@ -45,12 +45,11 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from advalign_jax.data import embedded_files
+from advalign_jax.errors import AdvalignError
 from advalign_jax.evaluation import shortcut
-from advalign_jax.evaluation.robust.job import load_data
 from advalign_jax.evaluation.stats import mean_with_interval
 from advalign_jax.models import load_model
 
@@ -67,27 +66,29 @@ def main() -> int:
     rows = []
     tmp = tempfile.mkdtemp(prefix="shortcut_mechanism_")
     try:
-        swap_files, painted = shortcut.embedded_swap_copies(tmp)
+        try:
+            swap_files, painted = shortcut.embedded_swap_copies(tmp)
+        except AdvalignError as e:
+            raise SystemExit(f"error: {e}") from None
         for entry in args.models.split(","):
             name, _, path = entry.partition("=")
             model, variables = load_model(path)
-            view = ml_collections.ConfigDict({"data": {"source": "embedded", "split": "validation", "data_dir": ""},
-                                              "max_examples": 0})
-            x, y = load_data(view, model)
             size = int(model.input_shape[0])
             mask = jnp.asarray(shortcut.patch_mask(size))
+            # the images, labels and the maps as training reads them, in one pass over the shard
+            x, y, maps = shortcut.read_records(embedded_files("val"), size, minmax_maps=True)
             x_swap, y_swap, _ = shortcut.read_records(swap_files, size)
-            x_maps, y_maps, maps = shortcut.read_records(embedded_files("val"), size, minmax_maps=True)
-            if not (np.array_equal(y_maps, np.asarray(y)) and np.allclose(x_maps, np.asarray(x))):
-                raise SystemExit("the human maps are not in the order of the embedded images")
-            if not np.array_equal(y_swap, np.asarray(y)):
+            if not np.array_equal(y_swap, y):
                 raise SystemExit("the cue-swap copies are not in the order of the embedded images")
-            values = jax.jit(lambda v, a, b: shortcut.gradient_measures(model.logits_fn(v), a, b, mask, args.eps))(
-                variables, x, y)
-            values.update(jax.jit(lambda v, a, b, c, d: shortcut.swap_measures(model.logits_fn(v), a, b, c, d))(
-                variables, x, x_swap, y, jnp.asarray(painted, jnp.int32)))
-            values.update(jax.jit(lambda v, a, b, c: shortcut.loss_leverage(model.logits_fn(v), a, b, c, mask))(
-                variables, x, y, maps))
+
+            def all_measures(v, a, b, c, d, h):
+                logits_fn = model.logits_fn(v)
+                out = shortcut.gradient_measures(logits_fn, a, b, mask, args.eps)
+                out.update(shortcut.swap_measures(logits_fn, a, c, b, d))
+                out.update(shortcut.loss_leverage(shortcut.true_class_gradient(logits_fn, a, b), h, mask))
+                return out
+
+            values = jax.jit(all_measures)(variables, x, y, x_swap, jnp.asarray(painted, jnp.int32), maps)
             row = {"model": name, "images": len(x), "patch_area": float(np.mean(shortcut.patch_mask(size)))}
             for k in MEASURES:
                 m, lo, hi = mean_with_interval(np.asarray(values[k]))

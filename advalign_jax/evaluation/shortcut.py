@@ -67,8 +67,7 @@ def patch_share(m, mask):
 def gradient_measures(logits_fn, x, y, mask, eps: float = 1.0) -> dict:
     """The gradient and attack shares of the module docstring, per image. The attack: untargeted L2 PGD
     of radius ``eps``, 20 steps of ``eps / 8`` (the ``robustness`` library's normalised steps)."""
-    logits, vjp = jax.vjp(logits_fn, x)
-    (g,) = vjp(jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
+    g = true_class_gradient(logits_fn, x, y)
     s = jnp.mean(g, axis=-1)
     out = {"mean_cut": patch_share(standardize_cut(s), mask), "mean_negative": patch_share(standardize_cut(-s), mask),
            "absmax": patch_share(jnp.max(jnp.abs(g), axis=-1), mask),
@@ -101,11 +100,16 @@ def swap_measures(logits_fn, x, x_swap, y, k) -> dict:
             "swap_at_midpoint": m_mid - m, "follows": (jnp.argmax(logits_swap, -1) == k).astype(jnp.float32)}
 
 
-def loss_leverage(logits_fn, x, y, maps, mask, reductions=("mean", "absmax", "mean_abs"), levels: int = 5) -> dict:
-    """Per image and channel reduction: ``1 - align(s (1 - P), h) / align(s, h)`` (module docstring);
-    keys ``leverage_<reduction>``."""
+def true_class_gradient(logits_fn, x, y):
+    """``g = d f_y / d x`` (N, H, W, C), the gradient every measure of this module starts from."""
     logits, vjp = jax.vjp(logits_fn, x)
     (g,) = vjp(jax.nn.one_hot(y, logits.shape[-1], dtype=logits.dtype))
+    return g
+
+
+def loss_leverage(g, maps, mask, reductions=("mean", "absmax", "mean_abs"), levels: int = 5) -> dict:
+    """Per image and channel reduction of the gradient ``g`` (:func:`true_class_gradient`):
+    ``1 - align(s (1 - P), h) / align(s, h)`` (module docstring); keys ``leverage_<reduction>``."""
     one = jnp.ones((1,), jnp.float32)
     term = jax.vmap(lambda s, h: alignment_term(s[None], h[None], one, levels))
     out = {}

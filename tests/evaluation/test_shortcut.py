@@ -88,7 +88,8 @@ def test_loss_leverage_is_the_share_of_the_alignment_term_on_the_patch():
     x = jnp.zeros((1, SIZE, SIZE, 3))
     y = jnp.zeros(1, jnp.int32)
     for w, bump in ((w_map, False), (w_bump, True)):
-        out = shortcut.loss_leverage(_linear(jnp.asarray(w)), x, y, jnp.asarray(maps), jnp.asarray(mask))
+        g = shortcut.true_class_gradient(_linear(jnp.asarray(w)), x, y)
+        out = shortcut.loss_leverage(g, jnp.asarray(maps), jnp.asarray(mask))
         for r in ("mean", "absmax", "mean_abs"):
             if not bump:
                 np.testing.assert_allclose(out[f"leverage_{r}"], 0.0, atol=1e-6)
